@@ -146,23 +146,29 @@ def sgd_update_(param: Tensor, grad: Tensor, lr: float) -> Tensor:
 _warned_no_change = False
 
 
-def refine(forward: Forward, trainable: Mapping[str, Tensor], frozen: Mapping[str, Tensor],
-           focus: Tensor, config: FocusConfig) -> Tensor:
-    """``config.steps`` plain SGD steps on ``trainable`` for the focus loss; return refined logits."""
+def sgd_steps(loss_fn: Callable[[Mapping[str, Tensor]], Tensor], trainable: Mapping[str, Tensor],
+              frozen: Mapping[str, Tensor], lr: float, steps: int = 1) -> dict[str, Tensor]:
+    """Parameter values after ``steps`` plain SGD steps on ``loss_fn`` (no momentum, no decay)."""
     current = dict(trainable)
     with grad_enabled():
-        for _ in range(config.steps):
+        for _ in range(steps):
             leaves = {n: p.detach().requires_grad_(True) for n, p in current.items()}
-            loss = focus_loss(forward({**frozen, **leaves}), focus, config.mode).sum()
+            loss = loss_fn({**frozen, **leaves})
             grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
             del loss
-            current = {
-                n: p.detach() if g is None else sgd_update_(p.detach(), g, config.lr)
-                for (n, p), g in zip(current.items(), grads)
-            }
+            current = {n: p.detach() if g is None else sgd_update_(p.detach(), g, lr)
+                       for (n, p), g in zip(current.items(), grads)}
     _warn_if_unchanged(trainable, current)
+    return current
+
+
+def refine(forward: Forward, trainable: Mapping[str, Tensor], frozen: Mapping[str, Tensor],
+           focus: Tensor, config: FocusConfig) -> Tensor:
+    """``config.steps`` SGD steps on ``trainable`` for the focus loss; return the refined logits."""
+    loss_fn = lambda values: focus_loss(forward(values), focus, config.mode).sum()  # noqa: E731
+    updated = sgd_steps(loss_fn, trainable, frozen, config.lr, config.steps)
     with torch.no_grad():
-        return forward({**frozen, **current})
+        return forward({**frozen, **updated})
 
 
 def _warn_if_unchanged(before: Mapping[str, Tensor], after: Mapping[str, Tensor]) -> None:
