@@ -143,6 +143,13 @@ def sgd_update_(param: Tensor, grad: Tensor, lr: float) -> Tensor:
     return grad.mul_(-lr).add_(param)
 
 
+def sgd_update(param: Tensor, grad: Tensor, lr: float) -> Tensor:
+    """Out-of-place ``sgd_update_`` (same formula, vmap-safe; ``param`` broadcasts over per-sample ``grad``)."""
+    if param.dtype in (torch.float16, torch.bfloat16):
+        return param.float().sub(grad.float(), alpha=lr).to(param.dtype)
+    return grad.mul(-lr).add(param)
+
+
 _warned_no_change = False
 
 
@@ -165,6 +172,7 @@ def sgd_steps(loss_fn: Callable[[Mapping[str, Tensor]], Tensor], trainable: Mapp
 def refine(forward: Forward, trainable: Mapping[str, Tensor], frozen: Mapping[str, Tensor],
            focus: Tensor, config: FocusConfig) -> Tensor:
     """``config.steps`` SGD steps on ``trainable`` for the focus loss; return the refined logits."""
+    focus = as_normal_tensor(focus)  # gather saves the index for backward
     loss_fn = lambda values: focus_loss(forward(values), focus, config.mode).sum()  # noqa: E731
     updated = sgd_steps(loss_fn, trainable, frozen, config.lr, config.steps)
     with torch.no_grad():

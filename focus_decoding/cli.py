@@ -1,0 +1,489 @@
+"""`focus-decoding`: generate, eval-text and eval-vision from the command line.
+
+Example:
+    focus-decoding generate "The capital of France is" --max-new-tokens 16
+    focus-decoding eval-text --max-uncertain 40 --out runs/smollm2
+    accelerate launch -m focus_decoding.cli eval-text --model tiny-llama --out runs/tiny
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .config import MODES, PRESETS, FocusConfig
+from .report import FocusReport, markdown_table
+
+TINY_MODELS = ("tiny-llama", "tiny-gpt2", "tiny-qwen2")
+DEFAULT_MODEL = "smollm2-135m"  # what --model means when it is not given
+PARTIAL = "partial{suffix}.json"
+
+
+class CliError(ValueError):
+    """A user error reported as one line with exit code 2."""
+
+
+# ----------------------------------------------------------------------------- models and metadata
+def char_tokenizer():
+    """A character-level tokenizer (100 ids: 4 specials + printable ASCII + newline) for tiny models."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [chr(c) for c in range(32, 127)] + ["\n"]
+    vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>", "<unk>", *chars])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()  # characters join without spaces
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", padding_side="left")
+
+
+def load_model(spec: str | None = None, *, device: str | torch.device = "cpu", seed: int = 0):
+    """(model, tokenizer): None = embedded SmolLM2-135M; ``tiny-llama|gpt2|qwen2``; else a HF id or path."""
+    from .models import load_default_model, tiny_causal_lm
+
+    if spec in (None, "", "default", DEFAULT_MODEL):
+        model, tokenizer = load_default_model()
+    elif spec in TINY_MODELS:
+        tokenizer = char_tokenizer()
+        model = tiny_causal_lm(spec[5:], vocab_size=len(tokenizer), seed=seed)
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(spec)
+        model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch.float32).eval()
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.padding_side = "left"
+    return model.to(device).eval(), tokenizer
+
+
+def run_metadata(seed: int | None = None, device: Any = "cpu", **extra: Any) -> dict[str, Any]:
+    """Library versions, seed, device, date and host: stored with every result file."""
+    import transformers
+
+    versions = {"python": platform.python_version(), "torch": torch.__version__,
+                "transformers": transformers.__version__}
+    for name in ("accelerate", "datasets", "torchvision", "focus_decoding"):
+        try:
+            versions[name] = __import__(name).__dict__.get("__version__", "unknown")
+        except ImportError:
+            pass
+    try:
+        from importlib.metadata import version
+        versions["focus_decoding"] = version("focus-decoding")
+    except Exception:  # not installed as a distribution: keep what the module says
+        pass
+    return {"versions": versions, "seed": seed, "device": str(device), "torch_threads": torch.get_num_threads(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "platform": platform.platform(), **extra}
+
+
+def write_results(out: str | Path, stem: str, reports: Sequence[FocusReport], extra: dict | None = None) -> Path:
+    """``stem``.json (every number), ``stem``.md (the method's table) and ``stem``.png into ``out``."""
+    from . import plots
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {"summaries": [r.summary() for r in reports], "reports": [r.to_dict() for r in reports], **(extra or {})}
+    (out / f"{stem}.json").write_text(json.dumps(_jsonable(payload), indent=2))
+    (out / f"{stem}.md").write_text(markdown_table(reports) + "\n")
+    plots.plot_report(reports[-1], out / f"{stem}.png")
+    return out / f"{stem}.json"
+
+
+def _jsonable(x: Any) -> Any:
+    """JSON has no NaN: write it as null so any reader can load the file."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x
+
+
+# ----------------------------------------------------------------------------- arguments
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+    return value
+
+
+def _lr_grid(text: str) -> list[float]:
+    try:
+        grid = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated learning rates such as 1e-5,1e-4, got {text!r}")
+    if len(grid) < 1 or any(not math.isfinite(x) or x <= 0 for x in grid):
+        raise argparse.ArgumentTypeError(f"learning rates must be finite and > 0, got {text!r}")
+    return grid
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``focus-decoding`` (three subcommands)."""
+    common = argparse.ArgumentParser(add_help=False)
+    g = common.add_argument_group("method")
+    g.add_argument("--model", default=None, help=f"HF id or path; {', '.join(TINY_MODELS)}; default: embedded SmolLM2-135M")
+    g.add_argument("--mode", choices=MODES, default="ifo", help="ifo raises the focus logits, dofo lowers the others")
+    g.add_argument("--lr", type=float, default=None, help="SGD learning rate (default: preset's, or the method's)")
+    g.add_argument("--threshold", type=float, default=None, help="refine when p(top1)-p(top2) < threshold (0.04)")
+    g.add_argument("--n-focus", type=int, default=None, help="size of the focus set (2)")
+    g.add_argument("--steps", type=int, default=None, help="SGD steps per refinement (1)")
+    g.add_argument("--params", default=None, help="'all', 'last:N' or comma-separated name patterns")
+    g.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="per-model learning rate of the method (default for the embedded model: smollm2-135m)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the dev/test split and of tiny models")
+    g.add_argument("--out", default=None, help="directory for JSON, markdown table and PNG")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: the accelerate/GPU default)")
+    g.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
+    parser = argparse.ArgumentParser(prog="focus-decoding", description="Focus on the likely: refine uncertain predictions.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", parents=[common], help="plain vs focus greedy continuation of a prompt")
+    gen.add_argument("prompt", nargs="?", default="The capital of France is", help="text to continue")
+    gen.add_argument("--max-new-tokens", type=_positive_int, default=24)
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    gen.add_argument("--color", choices=("auto", "always", "never"), default="auto",
+                     help="mark changed tokens with colour (auto: when stdout is a TTY) or with [[token]]")
+
+    ev = sub.add_parser("eval-text", parents=[common], help="next-token accuracy on the uncertain positions of a text set")
+    ev.add_argument("--dataset", default=None, help="text file/dir, or hub data set name (default: bundled sample)")
+    ev.add_argument("--split", default="train")
+    ev.add_argument("--max-texts", type=_positive_int, default=None)
+    ev.add_argument("--context-length", type=_positive_int, default=128)
+    ev.add_argument("--stride", type=_positive_int, default=None)
+    ev.add_argument("--max-uncertain", type=int, default=40, help="stop after this many refinements (0 = no limit)")
+    ev.add_argument("--max-tokens", type=_positive_int, default=None, help="stop after this many scored positions")
+    ev.add_argument("--batch-positions", type=_positive_int, default=1)
+    ev.add_argument("--select-lr", type=_lr_grid, default=None, metavar="GRID",
+                    help="comma-separated lrs: pick the best Δ_Corr on a dev split, report it on the test split")
+    ev.add_argument("--dev-fraction", type=float, default=0.5)
+    ev.add_argument("--resume", action="store_true", help="continue from the partial results in --out")
+
+    vi = sub.add_parser("eval-vision", parents=[common], help="top-1 accuracy on the uncertain images of a classifier")
+    vi.add_argument("--data", default=None, help="image data set (default: the bundled one of eval_vision)")
+    vi.add_argument("--checkpoint", default=None, help="classifier checkpoint")
+    vi.add_argument("--batch-size", type=_positive_int, default=64)
+    vi.add_argument("--max-samples", type=_positive_int, default=None)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> FocusConfig:
+    """FocusConfig from the method options; the embedded model defaults to its preset learning rate."""
+    overrides = {k: v for k, v in dict(threshold=args.threshold, n_focus=args.n_focus, steps=args.steps).items()
+                 if v is not None}
+    if args.params is not None:
+        parts = [p.strip() for p in args.params.split(",") if p.strip()]
+        overrides["params"] = parts[0] if len(parts) == 1 and (parts[0] == "all" or parts[0].startswith("last:")) else parts
+    preset = args.preset
+    if preset is None and args.model in (None, "", "default", DEFAULT_MODEL) and args.command != "eval-vision":
+        preset = DEFAULT_MODEL
+    if preset is not None:
+        config = FocusConfig.preset(preset, args.mode, **overrides)
+        return dataclasses.replace(config, lr=args.lr) if args.lr is not None else config
+    return FocusConfig(mode=args.mode, lr=args.lr, **overrides)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto``: the accelerate process device when launched, else CUDA when present, else CPU."""
+    if name != "auto":
+        return torch.device(name)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+        return PartialState().device
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``focus-decoding``; returns the exit status (2 for bad arguments)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse already printed its one-line usage error
+        return int(exc.code or 0)
+    try:
+        config = config_from_args(args)
+        torch.manual_seed(args.seed)
+        command = {"generate": cmd_generate, "eval-text": cmd_eval_text, "eval-vision": cmd_eval_vision}[args.command]
+        return command(args, config)
+    except (ValueError, FileNotFoundError) as exc:
+        msg = " ".join(str(exc).split())  # one line, whatever the source message looks like
+        print(f"focus-decoding {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+def cmd_generate(args: argparse.Namespace, config: FocusConfig) -> int:
+    """Greedy continuation without and with focus refinement; changed tokens are marked."""
+    from . import generation
+
+    device = resolve_device(args.device)
+    model, tokenizer = load_model(args.model, device=device, seed=args.seed)
+    prompt = args.prompt
+    if args.chat and getattr(tokenizer, "chat_template", None):
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                               add_generation_prompt=True)
+    enc = tokenizer(prompt, return_tensors="pt").to(device)
+    n_prompt = enc["input_ids"].shape[1]
+    kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    generation.enable(model)
+    plain = model.generate(**enc, **kwargs)[0, n_prompt:]
+    out = model.generate(**enc, **kwargs, focus_config=config, return_dict_in_generate=True)
+    focus = out.sequences[0, n_prompt:]
+    changed = changed_positions(model, out.sequences[0], n_prompt)
+    stats = getattr(out, "focus_stats", None) or getattr(model, "last_focus_stats", None)
+    color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
+    print(f"prompt: {args.prompt}")
+    print(f"plain:  {tokenizer.decode(plain, skip_special_tokens=True)}")
+    print(f"focus:  {mark_changes(tokenizer, focus.tolist(), changed, color)}")
+    print(f"stats:  {format_stats(stats, config)}; marked tokens: {sum(changed)}")
+    if args.out:
+        out_dir = Path(args.out)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        record = {"prompt": args.prompt, "plain": tokenizer.decode(plain, skip_special_tokens=True),
+                  "focus": tokenizer.decode(focus, skip_special_tokens=True), "plain_ids": plain.tolist(),
+                  "focus_ids": focus.tolist(), "changed": changed, "stats": _stats_dict(stats),
+                  "config": config.to_dict(), "meta": run_metadata(args.seed, device, model=args.model or DEFAULT_MODEL)}
+        (out_dir / "generate.json").write_text(json.dumps(_jsonable(record), indent=2, default=str))
+        print(f"wrote {out_dir / 'generate.json'}")
+    return 0
+
+
+@torch.no_grad()
+def changed_positions(model, sequence: torch.Tensor, n_prompt: int) -> list[bool]:
+    """Per generated token: does it differ from the unmodified model's greedy pick for the same prefix?"""
+    logits = model(sequence[None]).logits[0, n_prompt - 1:-1]  # one teacher-forced pass over the focus text
+    return (logits.argmax(-1) != sequence[n_prompt:]).tolist()
+
+
+def mark_changes(tokenizer, ids: list[int], changed: Sequence[bool], color: bool = False) -> str:
+    """Decode ``ids``, marking the tokens the refinement changed as [[token]] (or green with ``color``)."""
+    pieces, run = [], []
+    for token, flag in zip(ids, changed):
+        if not flag:
+            run.append(token)
+            continue
+        # runs of unchanged tokens decode together so multi-token characters stay intact
+        pieces.append(tokenizer.decode(run, skip_special_tokens=True))
+        text = tokenizer.decode([token], skip_special_tokens=True)
+        pieces.append(f"\033[1;32m{text}\033[0m" if color else f"[[{text}]]")
+        run = []
+    pieces.append(tokenizer.decode(run + ids[len(changed):], skip_special_tokens=True))
+    return "".join(pieces)
+
+
+def _stats_dict(stats: Any) -> Any:
+    if stats is None or isinstance(stats, dict):
+        return stats
+    if hasattr(stats, "to_dict"):
+        return stats.to_dict()
+    return dataclasses.asdict(stats) if dataclasses.is_dataclass(stats) else str(stats)
+
+
+def format_stats(stats: Any, config: FocusConfig) -> str:
+    """One line: the configuration and the generation adapter's counters."""
+    data = _stats_dict(stats)
+    data = data.get("totals", data) if isinstance(data, dict) else data
+    body = ", ".join(f"{k}={v}" for k, v in data.items()) if isinstance(data, dict) else str(data)
+    return f"mode={config.mode} lr={config.lr:g} threshold={config.threshold:g} | {body}"
+
+
+# ----------------------------------------------------------------------------- eval-text
+def cmd_eval_text(args: argparse.Namespace, config: FocusConfig) -> int:
+    """Evaluate (or select the lr on dev, then evaluate on test); shards across accelerate processes."""
+    from . import data
+
+    if args.select_lr and args.resume:
+        raise CliError("--resume cannot be combined with --select-lr (rerun the selection instead)")
+    if args.resume and not args.out:
+        raise CliError("--resume needs --out DIR (where the partial results were written)")
+    rank, world = _process_group()
+    device = resolve_device(args.device)
+    model, tokenizer = load_model(args.model, device=device, seed=args.seed)
+    texts = data.load_texts(args.dataset, split=args.split, max_texts=args.max_texts)
+    if not texts:
+        raise CliError(f"--dataset {args.dataset!r} gave no texts")
+    meta = run_metadata(args.seed, device, model=args.model or DEFAULT_MODEL, dataset=args.dataset or "bundled-sample",
+                        processes=world, argv=sys.argv[1:] if rank == 0 else None)
+    if args.select_lr:
+        return _select_lr(args, config, model, tokenizer, texts, meta)
+    report = evaluate_texts(args, config, model, tokenizer, texts, name="eval-text",
+                            partial=Path(args.out) if args.out else None)
+    if report is None:  # interrupted: the partial file says how far we got
+        return 130
+    if rank == 0:
+        report.meta.update(meta)
+        print(markdown_table([report]))
+        _print_summary(report)
+        if args.out:
+            path = write_results(args.out, "eval_text", [report], {"config": config.to_dict(), "meta": meta})
+            print(f"wrote {path} (+ .md, .png)")
+    return 0
+
+
+def _process_group() -> tuple[int, int]:
+    """(rank, world size) from accelerate when launched with several processes, else (0, 1)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1
+    from accelerate import PartialState
+    state = PartialState()
+    return state.process_index, state.num_processes
+
+
+def _split_budget(total: int | None, rank: int, world: int) -> int | None:
+    if not total:
+        return None
+    return total // world + (1 if rank < total % world else 0)
+
+
+def evaluate_texts(args: argparse.Namespace, config: FocusConfig, model, tokenizer, texts: list[str], *, name: str,
+                   partial: Path | None = None, quiet: bool = False) -> FocusReport | None:
+    """One evaluation, sharded over processes, resumable from ``partial``; the merged report (None if interrupted)."""
+    from . import eval_text
+
+    rank, world = _process_group()
+    max_uncertain = _split_budget(args.max_uncertain, rank, world)
+    max_tokens = _split_budget(args.max_tokens, rank, world)
+    prior, start = None, 0
+    path = partial / PARTIAL.format(suffix=f".rank{rank}" if world > 1 else "") if partial else None
+    if path is not None and getattr(args, "resume", False):
+        prior, start = _load_partial(path, config)
+        if prior is not None:
+            print(f"[rank {rank}] resuming after window {start - 1} ({prior.n_uncertain} refinements done)", file=sys.stderr)
+            max_uncertain = None if max_uncertain is None else max_uncertain - prior.n_uncertain
+            max_tokens = None if max_tokens is None else max_tokens - prior.n_total
+
+    def on_window(index: int, so_far: FocusReport) -> None:
+        if path is not None:  # keep every finished window on disk so Ctrl-C loses at most one
+            _save_partial(path, index, prior.merge(so_far) if prior is not None else so_far, config)
+
+    exhausted = (max_uncertain is not None and max_uncertain <= 0) or (max_tokens is not None and max_tokens <= 0)
+    try:
+        if exhausted:
+            report = prior
+        else:
+            report = eval_text.evaluate_next_token(
+                model, tokenizer, texts, config, context_length=args.context_length, stride=args.stride,
+                max_uncertain=max_uncertain, max_tokens=max_tokens, batch_positions=args.batch_positions,
+                progress=not (args.no_progress or quiet), name=name, start_window=start, on_window=on_window,
+                shard=(rank, world) if world > 1 else None)
+            report = prior.merge(report) if prior is not None else report
+    except KeyboardInterrupt:
+        where = f"partial results in {path}; rerun with --resume" if path else "nothing saved (no --out)"
+        print(f"\ninterrupted: {where}", file=sys.stderr)
+        return None
+    if world > 1:
+        from accelerate.utils import gather_object
+        parts = gather_object([report.to_dict()])
+        report = FocusReport.from_dict(parts[0])
+        for part in parts[1:]:
+            report = report.merge(FocusReport.from_dict(part))
+    if path is not None and path.exists():
+        path.unlink()  # finished: a later run must not resume from stale windows
+    return report
+
+
+def _save_partial(path: Path, window: int, report: FocusReport, config: FocusConfig) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"window": window, "config": config.to_dict(), "report": report.to_dict()}))
+    tmp.replace(path)  # atomic: an interrupt during the write leaves the previous file intact
+
+
+def _load_partial(path: Path, config: FocusConfig) -> tuple[FocusReport | None, int]:
+    if not path.exists():
+        print(f"no partial results at {path}: starting from the first window", file=sys.stderr)
+        return None, 0
+    saved = json.loads(path.read_text())
+    if FocusConfig.from_dict(saved["config"]) != config:
+        raise CliError(f"--resume: {path} was written with config {saved['config']}, not {config.to_dict()}")
+    return FocusReport.from_dict(saved["report"]), int(saved["window"]) + 1
+
+
+def _select_lr(args, config, model, tokenizer, texts, meta) -> int:
+    """Sweep ``--select-lr`` on the dev split, pick the best Δ_Corr, evaluate that lr on the disjoint test split."""
+    from tqdm.auto import tqdm
+
+    from . import data
+
+    dev, test = data.split_dev_test(texts, dev_fraction=args.dev_fraction, seed=args.seed)
+    if not dev or not test:
+        raise CliError(f"--select-lr needs texts in both splits; got {len(dev)} dev and {len(test)} test texts "
+                       "(use more texts or change --dev-fraction)")
+    rank, _ = _process_group()
+    dev_reports = []
+    for lr in tqdm(args.select_lr, desc="dev lr sweep", disable=args.no_progress or rank != 0):
+        cfg = dataclasses.replace(config, lr=lr)
+        rep = evaluate_texts(args, cfg, model, tokenizer, dev, name=f"dev lr={lr:g}", quiet=True)
+        rep.config, rep.meta = cfg.to_dict(), {**rep.meta, "split": "dev", "model": f"dev lr={lr:g}"}
+        dev_reports.append(rep)
+    # ties go to the smaller p-value, then to the smaller lr (the safer step)
+    best = min(range(len(dev_reports)), key=lambda i: (-dev_reports[i].delta_corr, dev_reports[i].p_value,
+                                                         args.select_lr[i]))
+    chosen = dataclasses.replace(config, lr=args.select_lr[best])
+    test_report = evaluate_texts(args, chosen, model, tokenizer, test, name=f"test lr={chosen.lr:g}")
+    test_report.config, test_report.meta = chosen.to_dict(), {**test_report.meta, **meta, "split": "test",
+                                                                 "model": f"test lr={chosen.lr:g}"}
+    if rank == 0:
+        print("dev (selection):")
+        print(markdown_table(dev_reports))
+        print(f"chosen lr = {chosen.lr:g} (dev Δ_Corr {dev_reports[best].delta_corr:+d})")
+        print("test (reported):")
+        print(markdown_table([test_report]))
+        _print_summary(test_report)
+        if args.out:
+            extra = {"config": chosen.to_dict(), "meta": meta, "grid": args.select_lr, "chosen_lr": chosen.lr,
+                     "dev": [r.summary() for r in dev_reports], "dev_texts": len(dev), "test_texts": len(test)}
+            path = write_results(args.out, "select_lr", [*dev_reports, test_report], extra)
+            from . import plots
+            plots.plot_lr_sweep({config.mode: [_lr_row(r) for r in dev_reports]}, Path(args.out) / "select_lr_dev.png",
+                                title=f"dev split: Δ_Corr vs lr (chosen {chosen.lr:g}, test Δ_Corr {test_report.delta_corr:+d})")
+            print(f"wrote {path} (+ .md, .png, select_lr_dev.png)")
+    return 0
+
+
+def _lr_row(r: FocusReport) -> dict[str, float]:
+    return {"lr": r.config["lr"], "delta_corr": r.delta_corr, "delta_corr_std": r.delta_corr_std, "p_value": r.p_value}
+
+
+def _print_summary(r: FocusReport) -> None:
+    print(f"scored {r.n_total} predictions, {r.n_uncertain} uncertain ({100 * r.fraction_uncertain:.1f}%); "
+          f"accuracy {r.base_accuracy:.2f}% -> {r.focus_accuracy:.2f}%; Δ_Corr {r.delta_corr:+d} "
+          f"(wr→co {r.wrong_to_correct}, co→wr {r.correct_to_wrong}), p={r.p_value:.3g}; {r.seconds:.1f}s")
+
+
+# ----------------------------------------------------------------------------- eval-vision
+def cmd_eval_vision(args: argparse.Namespace, config: FocusConfig) -> int:
+    """Run the vision evaluation and write its reports."""
+    from . import eval_vision
+
+    device = resolve_device(args.device)
+    reports = eval_vision.run_eval_vision(model=args.model, data=args.data, config=config, checkpoint=args.checkpoint,
+                                          batch_size=args.batch_size, max_samples=args.max_samples, out_dir=None,
+                                          progress=not args.no_progress)
+    meta = run_metadata(args.seed, device, model=args.model, dataset=args.data)
+    for r in reports:
+        r.meta = {**meta, **r.meta}
+    print(markdown_table(reports))
+    for r in reports:
+        _print_summary(r)
+    if args.out:
+        path = write_results(args.out, "eval_vision", reports, {"config": config.to_dict(), "meta": meta})
+        print(f"wrote {path} (+ .md, .png)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

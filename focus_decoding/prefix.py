@@ -1,0 +1,333 @@
+"""Cheap refinements with a cached prefix: run the step through the top N blocks only.
+
+With ``FocusConfig(params="last:N")`` the step updates the last N blocks and the final norm only,
+so the hidden states that ENTER block ``L-N`` are the same before and after the update, at every
+context position. We keep them (from generation's normal cached forward via ``HiddenRecorder``,
+or from an evaluation window's ``output_hidden_states``) and build a ``core.Forward`` that runs
+only the top N blocks, the final norm and the head (``top_forward``). It plugs into the same
+``core.refine`` / ``core.focus_step`` with the same trainable/frozen dicts; nothing else changes.
+
+When the cached path is used (``prefix_blocks``): the architecture is supported
+(``supports_prefix``: Llama / SmolLM2, Qwen2, Mistral, GPT-2 with one attention type for every
+layer) and every trainable parameter lives ONLY in the top blocks, the final norm or the head. The
+tied-head rule follows: ``last:N`` never selects the head, so an embedding tied to the head is never
+updated and the kept states stay valid; a pattern list that selects the head (or embedding) of a
+TIED model updates the embedding too, so the kept states would be stale and the uncached path is
+used. Anything unsupported returns ``None`` and the caller falls back to the uncached path (with a
+one-time warning from ``warn_fallback``), never a wrong result.
+
+Example:
+    >>> import torch
+    >>> from focus_decoding import FocusConfig, core
+    >>> from focus_decoding.models import tiny_causal_lm
+    >>> from focus_decoding.prefix import prefix_blocks, top_forward, input_states
+    >>> model, ids = tiny_causal_lm("llama"), torch.tensor([[1, 5, 7, 9]])
+    >>> config = FocusConfig(params="last:2", lr=1e-2)
+    >>> n = prefix_blocks(model, config)
+    >>> hidden = input_states(model, n, ids)  # states entering block L-n
+    >>> trainable, frozen = core.split_parameters(model, config.params)
+    >>> fast = top_forward(model, n, hidden)
+    >>> slow = core.model_forward(model, ids, use_cache=False, select=lambda o: o.logits[0, -1])
+    >>> focus = core.focus_classes(slow({}), 2)
+    >>> a = core.refine(fast, trainable, frozen, focus, config)
+    >>> b = core.refine(slow, trainable, frozen, focus, config)
+    >>> torch.allclose(a, b, atol=1e-5)
+    True
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from . import core
+from .config import FocusConfig
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral", "gpt2")
+
+
+# ----------------------------------------------------------------------------- what is supported
+def supports_prefix(model: nn.Module) -> bool:
+    """True for decoder-only Llama-style (Llama, SmolLM2, Qwen2, Mistral) and GPT-2 models."""
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
+        return False
+    if getattr(config, "is_encoder_decoder", False) or getattr(config, "add_cross_attention", False):
+        return False
+    # Every top block is fed what block 0 is fed; models mixing sliding and full layers differ per layer.
+    if len(set(getattr(config, "layer_types", None) or ["one"])) > 1:
+        return False
+    try:
+        _top_modules(model, 1)
+    except ValueError:
+        return False
+    return True
+
+
+def prefix_blocks(model: nn.Module, config: FocusConfig) -> int | None:
+    """N of the top blocks the step can run through with kept states, or None (use the uncached path)."""
+    n = config.last_blocks
+    if n is None or not supports_prefix(model):
+        return None
+    trainable, _ = core.split_parameters(model, config.params)
+    return n if _only_in_top(model, n, trainable) else None
+
+
+def _only_in_top(model: nn.Module, n: int, trainable: Mapping[str, Tensor]) -> bool:
+    """True when no trainable parameter is used below block L-n (e.g. a head tied to the embedding)."""
+    names = _top_names(model, n)
+    inside = lambda name: any(name == t or name.startswith(t + ".") for t in names)  # noqa: E731
+    top, lower = set(), set()
+    for name, m in model.named_modules():
+        for p in m.parameters(recurse=False):  # a tied parameter is owned by modules in both parts
+            (top if inside(name) else lower).add(id(p))
+    return all(id(p) in top and id(p) not in lower for p in trainable.values())
+
+
+_warned: set[str] = set()
+
+
+def warn_fallback(model: nn.Module, config: FocusConfig) -> None:
+    """One-time warning that ``last:N`` runs uncached for this model/selector."""
+    key = f"{type(model).__name__}:{config.params}"
+    if key in _warned:
+        return
+    _warned.add(key)
+    why = ("the architecture is not supported" if not supports_prefix(model)
+           else "a trainable parameter is also used below the top blocks (e.g. a head tied to the embedding)")
+    warnings.warn(f"focus_decoding: cached-prefix refinement unavailable for {type(model).__name__} with "
+                  f"params={config.params!r} ({why}); using the uncached path (warned once)", RuntimeWarning, stacklevel=3)
+
+
+# ----------------------------------------------------------------------------- the top of the model
+def _top_names(model: nn.Module, n: int) -> list[str]:
+    """Qualified module names of blocks L-n.., the final norm and the head."""
+    prefix, blocks = core.find_blocks(model)
+    if not 1 <= n <= len(blocks):
+        raise ValueError(f"n must be in 1..{len(blocks)} (the model's blocks), got {n}")
+    parent = prefix.rpartition(".")[0]
+    modules = dict(model.named_modules())
+    norms = [f"{parent}.{nm}" if parent else nm for nm in core.FINAL_NORM_NAMES]
+    norms = [nm for nm in norms if nm in modules]
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head_name = next((nm for nm, m in modules.items() if head is not None and m is head), None)
+    if len(norms) != 1 or head_name is None:
+        raise ValueError(f"{type(model).__name__}: cannot find one final norm and an output head")
+    return [f"{prefix}.{i}" for i in range(len(blocks) - n, len(blocks))] + [norms[0], head_name]
+
+
+def _top_modules(model: nn.Module, n: int) -> dict[str, nn.Module]:
+    modules = dict(model.named_modules())
+    return {name: modules[name] for name in _top_names(model, n)}
+
+
+class _Top(nn.Module):
+    """References (never copies) the model's top blocks, final norm and head."""
+
+    def __init__(self, blocks: Sequence[nn.Module], norm: nn.Module, head: nn.Module):
+        super().__init__()
+        self.blocks, self.norm, self.head = nn.ModuleList(blocks), norm, head
+
+    def forward(self, hidden: Tensor, args: tuple, kwargs: dict) -> Tensor:
+        """Logits of the last position, from the states entering the first kept block."""
+        for block in self.blocks:
+            out = block(hidden, *args, **kwargs)
+            hidden = out[0] if isinstance(out, tuple) else out  # transformers < 4.54 returns tuples
+        # Norm and head are per-position: the last position alone gives the same logits.
+        return self.head(self.norm(hidden[:, -1:]))[0, -1]
+
+
+class _Captured(Exception):
+    pass
+
+
+_capturing = 0
+
+
+def _block_inputs(model: nn.Module, hidden: Tensor, attention_mask: Tensor | None) -> tuple[tuple, dict]:
+    """The extra args/kwargs (causal mask, rotary embeddings, ...) the model feeds its blocks for
+    an uncached input of ``hidden``'s length, taken from the model's own forward and stopped at block 0."""
+    _, blocks = core.find_blocks(model)
+
+    def grab(module, args, kwargs):
+        raise _Captured(args, kwargs)
+
+    global _capturing
+    handle = blocks[0].register_forward_pre_hook(grab, with_kwargs=True, prepend=True)
+    _capturing += 1  # a HiddenRecorder on block 0 must not record this partial forward
+    try:
+        with torch.no_grad():
+            model(inputs_embeds=hidden.detach(), attention_mask=attention_mask, use_cache=False)
+    except _Captured as stop:
+        args, kwargs = stop.args
+    else:
+        raise RuntimeError(f"{type(model).__name__} never called its first block")
+    finally:
+        _capturing -= 1
+        handle.remove()
+    kwargs = dict(kwargs)
+    kwargs.pop("hidden_states", None)
+    return tuple(args[1:]), kwargs
+
+
+def top_forward(model: nn.Module, n: int, hidden: Tensor, attention_mask: Tensor | None = None) -> core.Forward:
+    """A ``core.Forward`` running blocks L-n.., the final norm and the head on the kept ``hidden``.
+
+    ``hidden`` is ``[1, T, H]``: the states entering block L-n for an unpadded context of T tokens
+    (positions 0..T-1). The causal mask and rotary embeddings are the ones the model itself builds
+    for that input. ``attention_mask``, if given, must be all ones (the context is unpadded).
+    """
+    if hidden.dim() != 3 or hidden.shape[0] != 1:
+        raise ValueError(f"hidden must have shape [1, T, H], got {tuple(hidden.shape)}")
+    if attention_mask is not None and (attention_mask.shape != hidden.shape[:2] or not bool(attention_mask.all())):
+        raise ValueError("attention_mask must be None or all ones of shape [1, T] (the context is unpadded)")
+    mods = list(_top_modules(model, n).values())
+    top = _Top(mods[:-2], mods[-2], mods[-1])
+    canonical = {id(p): name for name, p in model.named_parameters()}
+    rename = {local: canonical[id(p)] for local, p in top.named_parameters()}
+    hidden = core.as_normal_tensor(hidden.detach())
+    args, kwargs = _block_inputs(model, hidden, attention_mask)
+
+    def forward(values: Mapping[str, Tensor]) -> Tensor:
+        local = {k: values[c] for k, c in rename.items() if c in values}
+        return functional_call(top, local, (hidden, args, kwargs), strict=False)
+    return forward
+
+
+# ----------------------------------------------------------------------------- where the states come from
+def input_states(model: nn.Module, n: int, input_ids: Tensor, **kwargs) -> Tensor:
+    """States entering block L-n for ``input_ids`` (a plain no-grad forward; a reference and test helper)."""
+    _, blocks = core.find_blocks(model)
+    seen = []
+    handle = blocks[len(blocks) - n].register_forward_pre_hook(
+        lambda m, a, kw: seen.append(a[0] if a else kw["hidden_states"]), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(input_ids, use_cache=False, **kwargs)
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+def window_states(outputs, model: nn.Module, n: int) -> Tensor:
+    """States entering block L-n from a forward run with ``output_hidden_states=True`` ([B, T, H])."""
+    _, blocks = core.find_blocks(model)
+    return outputs.hidden_states[len(blocks) - n]
+
+
+def kept_state_bytes(batch: int, length: int, hidden_size: int, dtype: torch.dtype, layers: int = 1) -> int:
+    """Memory of the kept states: batch x length x hidden x dtype bytes per kept layer."""
+    return batch * length * hidden_size * torch.empty((), dtype=dtype).element_size() * layers
+
+
+class HiddenRecorder:
+    """Records the states entering block L-n during ``generate``'s normal cached forward.
+
+    A forward pre-hook keeps the states of each forward (prompt: every position; then one new
+    position per row); ``observe(input_ids)``, called once per step with the full sequences the
+    forward ran on (a logits processor sees exactly those), files them per row. Rows reordered by
+    beam search or expanded by ``num_return_sequences`` are matched by token prefix: the states
+    depend only on the tokens. Use as a context manager (the hook is removed on exit).
+    """
+
+    def __init__(self, model: nn.Module, n: int):
+        if not supports_prefix(model):
+            raise ValueError(f"HiddenRecorder: {type(model).__name__} is not supported; see supports_prefix")
+        _, blocks = core.find_blocks(model)
+        if not 1 <= n <= len(blocks):
+            raise ValueError(f"n must be in 1..{len(blocks)} (the model's blocks), got {n}")
+        self.model, self.n, self.block = model, n, blocks[len(blocks) - n]
+        self._handle = None
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything recorded (a new ``generate`` call)."""
+        self._pending: list[Tensor] = []
+        self._ids: Tensor | None = None  # [B, S] full sequences the states belong to
+        self._states: Tensor | None = None  # [B, capacity, H]; positions >= S unused
+        self.valid = True
+
+    def __enter__(self) -> "HiddenRecorder":
+        self._handle = self.block.register_forward_pre_hook(self._hook, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def _hook(self, module, args, kwargs) -> None:
+        if _capturing:
+            return
+        hidden = args[0] if args else kwargs["hidden_states"]
+        self._pending.append(hidden.detach())
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the kept states."""
+        return 0 if self._states is None else self._states.numel() * self._states.element_size()
+
+    def observe(self, input_ids: Tensor) -> None:
+        """File the states of the latest forward, which ran on the full sequences ``input_ids`` [B, S]."""
+        pending, self._pending = self._pending, []
+        if not self.valid:
+            return
+        if len(pending) != 1:  # a step was missed (or none ran): cannot tell which rows are which
+            self.valid = False
+            return
+        new = pending[0]
+        batch, length = input_ids.shape
+        start = length - new.shape[1]
+        if new.shape[0] != batch or start < 0:
+            self.valid = False
+            return
+        if self._ids is None:
+            if start != 0:
+                self.valid = False
+                return
+            self._states = new.new_empty(batch, max(2 * length, 16), new.shape[-1])
+        else:
+            if start != self._ids.shape[1]:
+                self.valid = False
+                return
+            order = self._match(input_ids[:, :start])
+            if order is None:
+                self.valid = False
+                return
+            if order is not ...:
+                self._states = self._states[order]
+            if length > self._states.shape[1]:  # grow by doubling, like a list
+                grown = self._states.new_empty(batch, 2 * length, self._states.shape[-1])
+                grown[:, :start] = self._states[:, :start]
+                self._states = grown
+        self._states[:, start:length] = new
+        self._ids = input_ids.clone()
+
+    def _match(self, prefix: Tensor):
+        """Index of the stored row each current row continues (``...`` when unchanged), or None."""
+        if prefix.shape == self._ids.shape and torch.equal(prefix, self._ids):
+            return ...
+        same = (prefix[:, None, :] == self._ids[None, :, :]).all(-1)  # [B_now, B_before]
+        if not bool(same.any(-1).all()):
+            return None
+        return same.float().argmax(-1)
+
+    def hidden_for(self, row: int, input_ids_row: Tensor, attention_mask_row: Tensor | None = None) -> Tensor | None:
+        """[1, T, H] states of ``row``'s unpadded context, or None when they are not available.
+
+        ``attention_mask_row`` marks the prompt's real tokens (left padding = 0); it may be shorter
+        than the sequence (generated tokens are all attended).
+        """
+        if not self.valid or self._ids is None or row >= self._ids.shape[0]:
+            return None
+        if input_ids_row.shape[-1] != self._ids.shape[1] or not torch.equal(input_ids_row.reshape(-1).to(self._ids.device), self._ids[row]):
+            return None
+        length = self._ids.shape[1]
+        keep = torch.ones(length, dtype=torch.bool, device=self._states.device)
+        if attention_mask_row is not None:
+            mask = attention_mask_row.reshape(-1).to(keep.device).bool()
+            keep[: mask.shape[0]] = mask[:length]
+        return self._states[row, :length][keep].unsqueeze(0)
