@@ -134,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``focus-decoding`` (three subcommands)."""
     common = argparse.ArgumentParser(add_help=False)
     g = common.add_argument_group("method")
-    g.add_argument("--model", default=None, help=f"HF id or path; {', '.join(TINY_MODELS)}; default: embedded SmolLM2-135M")
+    g.add_argument("--model", default=None, help=f"HF id or path; {', '.join(TINY_MODELS)}; default: embedded SmolLM2-135M "
+                   "(eval-vision: 'digits' or a torchvision name; default digits CNN)")
     g.add_argument("--mode", choices=MODES, default="ifo", help="ifo raises the focus logits, dofo lowers the others")
     g.add_argument("--lr", type=float, default=None, help="SGD learning rate (default: preset's, or the method's)")
     g.add_argument("--threshold", type=float, default=None, help="refine when p(top1)-p(top2) < threshold (0.04)")
@@ -173,8 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--resume", action="store_true", help="continue from the partial results in --out")
 
     vi = sub.add_parser("eval-vision", parents=[common], help="top-1 accuracy on the uncertain images of a classifier")
-    vi.add_argument("--data", default=None, help="image data set (default: the bundled one of eval_vision)")
-    vi.add_argument("--checkpoint", default=None, help="classifier checkpoint")
+    vi.add_argument("--data", default=None, help="image data set spec (default: scikit-learn digits test split)")
+    vi.add_argument("--root", default=None, help="folder of the image data set")
+    vi.add_argument("--checkpoint", default=None, help="classifier checkpoint (default digits CNN: trained if absent)")
+    vi.add_argument("--weights", default=None, help="torchvision weights name for --model, e.g. DEFAULT")
     vi.add_argument("--batch-size", type=_positive_int, default=64)
     vi.add_argument("--max-samples", type=_positive_int, default=None)
     return parser
@@ -200,9 +203,8 @@ def resolve_device(name: str) -> torch.device:
     """``auto``: the accelerate process device when launched, else CUDA when present, else CPU."""
     if name != "auto":
         return torch.device(name)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from accelerate import PartialState
-        return PartialState().device
+    if _world_size() > 1:
+        return _partial_state().device
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -214,6 +216,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse already printed its one-line usage error
         return int(exc.code or 0)
+    if _world_size() > 1 and args.device.startswith("cpu"):
+        os.environ["ACCELERATE_USE_CPU"] = "1"  # gather over gloo on CPU even where CUDA exists
     try:
         config = config_from_args(args)
         torch.manual_seed(args.seed)
@@ -333,12 +337,26 @@ def cmd_eval_text(args: argparse.Namespace, config: FocusConfig) -> int:
     return 0
 
 
+WORLD_SIZE_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def _world_size() -> int:
+    return max(int(os.environ.get(v, "1")) for v in WORLD_SIZE_VARS)
+
+
+def _partial_state():
+    """accelerate's process state; on machines without CUDA (or with --device cpu) it must be told ``cpu=True``."""
+    from accelerate import PartialState
+
+    cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    return PartialState(cpu=cpu)
+
+
 def _process_group() -> tuple[int, int]:
     """(rank, world size) from accelerate when launched with several processes, else (0, 1)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if _world_size() <= 1:
         return 0, 1
-    from accelerate import PartialState
-    state = PartialState()
+    state = _partial_state()
     return state.process_index, state.num_processes
 
 
@@ -472,7 +490,8 @@ def cmd_eval_vision(args: argparse.Namespace, config: FocusConfig) -> int:
     device = resolve_device(args.device)
     reports = eval_vision.run_eval_vision(model=args.model, data=args.data, config=config, checkpoint=args.checkpoint,
                                           batch_size=args.batch_size, max_samples=args.max_samples, out_dir=None,
-                                          progress=not args.no_progress)
+                                          progress=not args.no_progress, weights=args.weights, root=args.root,
+                                          device=device)
     meta = run_metadata(args.seed, device, model=args.model, dataset=args.data)
     for r in reports:
         r.meta = {**meta, **r.meta}

@@ -50,7 +50,7 @@ def focus_loss(logits: Tensor, focus: Tensor, mode: str) -> Tensor:
     logits = logits.float()
     if mode == "ifo":
         return -logits.gather(-1, focus).mean(-1)
-    in_focus = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, focus, True)
+    in_focus = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, focus, True)  # out of place: vmap has a rule
     n_other = logits.shape[-1] - focus.shape[-1]
     return logits.masked_fill(in_focus, 0.0).sum(-1) / n_other
 

@@ -15,7 +15,7 @@ Example:
     >>> report = evaluate_next_token(tiny_causal_lm(), Bytes(), ["hello world"] * 4,
     ...                              FocusConfig(threshold=1.0, lr=1e-2), context_length=16, progress=False)
     >>> report.n_total, report.n_uncertain == report.n_total
-    (47, True)
+    (46, True)
 """
 from __future__ import annotations
 
@@ -148,7 +148,8 @@ def refine_positions_batched(model, ids: Tensor, logits: Tensor, positions: Sequ
 
     Causal attention makes the logits at position t independent of later tokens, so every position
     shares the input ids[:, :max(t) + 1] and selects its own row; ``torch.func.vmap`` gives each
-    position its own gradient and its own updated parameters (needs vmap-able attention, e.g. eager).
+    position its own gradient and its own updated parameters. Works with eager and sdpa attention;
+    under vmap, PyTorch runs sdpa through a slower per-sample loop, so eager is preferable here.
     """
     ctx = ids[:, :max(positions) + 1]
     rows = torch.zeros(len(positions), ctx.shape[1], device=ids.device)

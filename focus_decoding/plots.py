@@ -58,6 +58,7 @@ def plot_report(report: FocusReport, path) -> Path:
     for t in report.topk_thresholds:
         left.plot(range(1, 6), _finite(report.topk_accuracy(t)), marker="o", label=f"$d_{{1,2}}$ < {t:g}")
     left.set_xlabel("k")
+    left.set_xticks(range(1, 6))
     left.set_ylabel("top-k accuracy (%) of the unmodified model")
     left.set_title("Top-k accuracy on uncertain predictions")
     left.grid(alpha=0.3)
@@ -115,7 +116,7 @@ def plot_lr_sweep(rows: Mapping[str, Sequence[Mapping[str, float]]], path, *,
     ax.set_ylabel("Δ_Corr (correct predictions gained)")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(title="annotated: p < 0.05", fontsize=8)
+    ax.legend(title="mode (p < 0.05 annotated)", fontsize=8, title_fontsize=8)
     return _save(fig, path)
 
 

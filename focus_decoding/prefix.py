@@ -68,12 +68,20 @@ def supports_prefix(model: nn.Module) -> bool:
 
 
 def prefix_blocks(model: nn.Module, config: FocusConfig) -> int | None:
-    """N of the top blocks the step can run through with kept states, or None (use the uncached path)."""
-    n = config.last_blocks
-    if n is None or not supports_prefix(model):
+    """How many top blocks the step can run through with kept states, or None (use the uncached path).
+
+    ``last:N`` gives N. A pattern list gives the fewest top blocks holding every trainable parameter;
+    None when one is also used below them (the head of a tied model is the embedding) or for ``"all"``.
+    """
+    if config.params == "all" or not supports_prefix(model):
         return None
     trainable, _ = core.split_parameters(model, config.params)
-    return n if _only_in_top(model, n, trainable) else None
+    _, blocks = core.find_blocks(model)
+    candidates = [config.last_blocks] if config.last_blocks is not None else range(1, len(blocks) + 1)
+    for n in candidates:
+        if _only_in_top(model, n, trainable):
+            return n
+    return None
 
 
 def _only_in_top(model: nn.Module, n: int, trainable: Mapping[str, Tensor]) -> bool:
@@ -240,7 +248,8 @@ class HiddenRecorder:
         if not 1 <= n <= len(blocks):
             raise ValueError(f"n must be in 1..{len(blocks)} (the model's blocks), got {n}")
         self.model, self.n, self.block = model, n, blocks[len(blocks) - n]
-        self._handle = None
+        self._handles: list = []
+        self._armed = False
         self.reset()
 
     def reset(self) -> None:
@@ -251,16 +260,26 @@ class HiddenRecorder:
         self.valid = True
 
     def __enter__(self) -> "HiddenRecorder":
-        self._handle = self.block.register_forward_pre_hook(self._hook, with_kwargs=True)
+        self._handles = [self.model.register_forward_pre_hook(self._arm, with_kwargs=True),
+                         self.model.register_forward_hook(self._disarm),
+                         self.block.register_forward_pre_hook(self._hook, with_kwargs=True)]
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _arm(self, module, args, kwargs) -> None:
+        # Only generate's cached forwards are recorded; the uncached refinement forwards
+        # (use_cache=False) that run in between must not be.
+        self._armed = bool(kwargs.get("use_cache")) and not _capturing
+
+    def _disarm(self, module, args, output) -> None:
+        self._armed = False
 
     def _hook(self, module, args, kwargs) -> None:
-        if _capturing:
+        if not self._armed:
             return
         hidden = args[0] if args else kwargs["hidden_states"]
         self._pending.append(hidden.detach())

@@ -53,6 +53,12 @@ class ClassifierStats:
         return asdict(self)
 
 
+def _vmap_pays_off(device: torch.device) -> bool:
+    """Whether ``method="auto"`` vectorises: on CPU per-sample weight gradients dominate and vmap
+    measured slower (0.38x at 32x32) and ~30x heavier in memory than the loop."""
+    return device.type != "cpu"
+
+
 class FocusClassifier:
     """Wrap an image classifier so that uncertain rows get their own focus step.
 
@@ -60,7 +66,8 @@ class FocusClassifier:
         model: any ``nn.Module`` mapping images [B, ...] to logits [B, C].
         config: a ``FocusConfig`` (or its dict); ``None`` = iFo with the method's vision defaults.
         max_batch: uncertain images refined together; bounds memory (see the module docstring).
-        method: ``"auto"`` (vmap, falling back to the loop once if vmap fails), ``"vmap"`` or ``"loop"``.
+        method: ``"auto"`` (vmap on CUDA, falling back to the loop once if vmap fails; the loop on
+            CPU, where it measured faster: ``benchmarks/speed_vision.py``), ``"vmap"`` or ``"loop"``.
 
     Example:
         >>> import torch
@@ -119,13 +126,13 @@ class FocusClassifier:
                     stats.nonfinite += int((~ok).sum())
             stats.refined = stats.gated - stats.nonfinite
             stats.changed = int((out.argmax(-1) != base.argmax(-1)).sum())
-            stats.vectorized = self.vectorized
+            stats.vectorized = self.vectorized and (self.method == "vmap" or _vmap_pays_off(images.device))
         self.stats = stats
         return base, out, gate
 
     # ------------------------------------------------------------------ the two paths
     def _refine_chunk(self, x: Tensor, base: Tensor, focus: Tensor, trainable, frozen) -> Tensor:
-        if self.vectorized:
+        if self.vectorized and (self.method == "vmap" or _vmap_pays_off(x.device)):
             try:
                 return self._refine_vmap(x, focus, trainable, frozen)
             except Exception as err:  # noqa: BLE001 - any vmap limitation; a real bug re-raises in the loop
@@ -140,7 +147,8 @@ class FocusClassifier:
     def _refine_loop(self, x: Tensor, base: Tensor, trainable, frozen) -> Tensor:
         rows = []
         for i in range(x.shape[0]):
-            forward = core.model_forward(self.model, x[i:i + 1], select=lambda out: logits_of(out)[0])
+            image = core.as_normal_tensor(x[i:i + 1])  # slicing inside inference_mode makes an inference tensor
+            forward = core.model_forward(self.model, image, select=lambda out: logits_of(out)[0])
             step = core.focus_step(forward, base[i], trainable, frozen, self.config)
             rows.append(torch.full_like(base[i], float("nan")) if step.nonfinite else step.logits)  # nan: overflowed
         return torch.stack(rows)

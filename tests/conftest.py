@@ -1,0 +1,68 @@
+"""Shared fixtures: tiny random LMs, a tiny word-level tokenizer, the default model, an untouched-model check."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from focus_decoding.models import tiny_causal_lm
+
+
+@pytest.fixture
+def tiny_lm():
+    """Factory for a fresh tiny random decoder: ``tiny_lm("llama"|"gpt2"|"qwen2", tied=..., layers=...)``."""
+    return tiny_causal_lm
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """A word-level fast tokenizer for the tiny models' 96-token vocabulary (w4 .. w95; 0 pad, 1 bos, 2 eos)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{f"w{i}": i for i in range(4, 96)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", padding_side="left",
+                                   model_input_names=["input_ids", "attention_mask"])
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    """(model, tokenizer) of the embedded SmolLM2-135M-Instruct, loaded once per session."""
+    from focus_decoding.models import load_default_model
+
+    try:
+        return load_default_model()
+    except FileNotFoundError as err:  # the optional model package is absent: not a failure of ours
+        pytest.skip(str(err))
+
+
+def snapshot(model: torch.nn.Module) -> dict:
+    """Everything a focus step must leave alone: values, grads, requires_grad and training flags."""
+    return {
+        "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+        "buffers": {n: b.detach().clone() for n, b in model.named_buffers()},
+        "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
+        "training": {n: m.training for n, m in model.named_modules()},
+    }
+
+
+@pytest.fixture
+def assert_untouched():
+    """``check = assert_untouched(model)`` before; ``check()`` after asserts the model is bitwise unchanged."""
+    def take(model: torch.nn.Module):
+        before = snapshot(model)
+
+        def check() -> None:
+            after = snapshot(model)
+            for kind in ("params", "buffers"):
+                assert before[kind].keys() == after[kind].keys()
+                for name, value in before[kind].items():
+                    assert torch.equal(value, after[kind][name]), f"{kind[:-1]} {name} changed"
+            assert after["requires_grad"] == before["requires_grad"]
+            assert after["training"] == before["training"]
+            assert all(p.grad is None for p in model.parameters()), "a .grad was left on the model"
+        return check
+    return take

@@ -1,0 +1,249 @@
+"""evaluate_next_token against a naive reference written straight from the method, plus its bookkeeping."""
+import copy
+
+import pytest
+import torch
+
+from focus_decoding import FocusConfig, core
+from focus_decoding.eval_text import (evaluate_next_token, refine_position, refine_positions_batched,
+                                      tokenize_stream, window_bounds)
+from focus_decoding.models import tiny_causal_lm
+from focus_decoding.report import FocusReport
+
+TEXTS = ["The quick brown fox jumps over the lazy dog.", "Pack my box with five dozen liquor jugs!",
+         "How vexingly quick daft zebras jump."]
+
+
+class ByteTokenizer:
+    """A tokenizer for the tiny models (vocab 96): one token per byte, EOS = 2."""
+
+    eos_token_id = 2
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [3 + b % 90 for b in text.encode()]}
+
+
+TOK = ByteTokenizer()
+
+
+def snapshot(model):
+    return {n: t.detach().clone() for n, t in list(model.named_parameters()) + list(model.named_buffers())}
+
+
+def assert_untouched(model, before, requires_grad, training):
+    now = dict(list(model.named_parameters()) + list(model.named_buffers()))
+    assert set(now) == set(before)
+    for name, t in now.items():
+        assert torch.equal(t, before[name]), name
+    assert all(p.grad is None for p in model.parameters())
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == requires_grad
+    assert {n: m.training for n, m in model.named_modules()} == training
+
+
+def gap_quantile_threshold(model, texts, context_length, q=0.3):
+    """A threshold that gates about a fraction ``q`` of this model's positions (so both branches run)."""
+    stream = tokenize_stream(TOK, texts)
+    with torch.no_grad():
+        gaps = core.top2_gap(model(stream[None, :context_length]).logits[0])
+    return float(gaps.quantile(q))
+
+
+def naive_reference(model, texts, config, context_length, stride):
+    """The method written out: slide windows, score unseen labels, deepcopy + SGD per uncertain position."""
+    ids = []
+    for i, text in enumerate(texts):
+        ids += ([TOK.eos_token_id] if i else []) + TOK(text)["input_ids"]
+    stream = torch.tensor(ids)
+    n_total, outcomes, scored = 0, [], set()
+    for s in range(0, len(ids), stride):
+        window = stream[s:s + context_length]
+        if s + 1 >= len(ids) or window.numel() < 1:
+            break
+        with torch.no_grad():
+            logits = model(window[None]).logits[0]
+        for t in range(window.numel()):
+            label_index = s + t + 1
+            if label_index >= len(ids) or label_index in scored:
+                continue
+            scored.add(label_index)
+            n_total += 1
+            probs = torch.softmax(logits[t], -1).sort(descending=True).values
+            if probs[0] - probs[1] >= config.threshold:
+                continue
+            focus = logits[t].topk(config.n_focus).indices
+            clone = copy.deepcopy(model)
+            opt = torch.optim.SGD(clone.parameters(), lr=config.lr, momentum=0, weight_decay=0)
+            for _ in range(config.steps):
+                opt.zero_grad()
+                out = clone(window[None, :t + 1]).logits[0, -1]
+                if config.mode == "ifo":
+                    loss = -out[focus].mean()
+                else:
+                    mask = torch.ones_like(out, dtype=torch.bool)
+                    mask[focus] = False
+                    loss = out[mask].mean()
+                loss.backward()
+                opt.step()
+            with torch.no_grad():
+                new = clone(window[None, :t + 1]).logits[0, -1].argmax().item()
+            outcomes.append((stream[label_index].item(), logits[t].argmax().item(), new))
+    return n_total, outcomes
+
+
+@pytest.mark.parametrize("arch,tied,mode,steps,context_length,stride", [
+    ("llama", True, "ifo", 1, 16, None),
+    ("gpt2", False, "dofo", 2, 16, 8),
+])
+def test_matches_naive_reference(arch, tied, mode, steps, context_length, stride):
+    model = tiny_causal_lm(arch, tied=tied, layers=2)
+    texts = TEXTS[:2]
+    lr = 0.5 if mode == "ifo" else 20.0  # large enough that refinement changes predictions
+    config = FocusConfig(mode=mode, lr=lr, steps=steps,
+                         threshold=gap_quantile_threshold(model, texts, context_length))
+    report = evaluate_next_token(model, TOK, texts, config, context_length=context_length, stride=stride,
+                                 progress=False)
+    n_total, outcomes = naive_reference(model, texts, config, context_length, stride or context_length)
+    expected = FocusReport()
+    expected.add_outcomes(*(torch.tensor(col) for col in zip(*outcomes)))
+    assert report.n_total == n_total == len(tokenize_stream(TOK, texts)) - 1
+    assert 0 < report.n_uncertain < report.n_total
+    assert report.outcomes == expected.outcomes
+    assert any(b != f for _, b, f in outcomes), "refinement never changed a prediction: test is vacuous"
+
+
+@pytest.mark.parametrize("n,length,stride", [(2, 4, 4), (10, 4, 4), (11, 4, 4), (12, 4, 4), (30, 8, 3), (9, 8, 1)])
+def test_window_bounds_score_every_token_once(n, length, stride):
+    seen = []
+    for s, lo, hi in window_bounds(n, length, stride):
+        assert s < lo <= hi - 1 < s + length + 1  # labels lie inside the window's reach
+        assert hi - 1 - s <= length  # the input never exceeds context_length
+        seen += range(lo, hi)
+    assert seen == list(range(1, n))
+
+
+def test_limits_and_resume_and_shard():
+    model = tiny_causal_lm(layers=2)
+    config = FocusConfig(threshold=gap_quantile_threshold(model, TEXTS, 12), lr=0.5)
+    kwargs = dict(context_length=12, progress=False)
+    saved = {}
+    full = evaluate_next_token(model, TOK, TEXTS, config, **kwargs,
+                               on_window=lambda w, r: saved.__setitem__(w, FocusReport.from_dict(copy.deepcopy(r.to_dict()))))
+    assert full.n_total == len(tokenize_stream(TOK, TEXTS)) - 1
+    assert sorted(saved) == list(range(len(saved))) and len(saved) > 3
+    # max_uncertain / max_tokens stop early and give a prefix of the full run
+    few = evaluate_next_token(model, TOK, TEXTS, config, max_uncertain=5, **kwargs)
+    assert few.n_uncertain == 5 and full.outcomes.startswith(few.outcomes)
+    assert few.n_total < full.n_total
+    short = evaluate_next_token(model, TOK, TEXTS, config, max_tokens=20, **kwargs)
+    assert short.n_total == 20 and full.outcomes.startswith(short.outcomes)
+    # resume after window k: saved partial report + the rest == one run
+    k = 1
+    rest = evaluate_next_token(model, TOK, TEXTS, config, start_window=k + 1, **kwargs)
+    resumed = saved[k].merge(rest)
+    assert (resumed.n_total, resumed.outcomes, resumed.topk_counts, resumed.topk_hits) == \
+        (full.n_total, full.outcomes, full.topk_counts, full.topk_hits)
+    # two shards merged == one run (outcome order differs: compare counts)
+    parts = [evaluate_next_token(model, TOK, TEXTS, config, shard=(r, 2), **kwargs) for r in range(2)]
+    assert min(p.n_total for p in parts) > 0
+    merged = parts[0].merge(parts[1])
+    assert merged.n_total == full.n_total and sorted(merged.outcomes) == sorted(full.outcomes)
+    assert merged.topk_counts == full.topk_counts and merged.topk_hits == full.topk_hits
+
+
+def test_model_untouched_also_after_errors(monkeypatch):
+    model = tiny_causal_lm(layers=2)
+    model.train()  # flags must come back as they were
+    model.model.layers[0].mlp.up_proj.weight.requires_grad_(False)
+    before, rg = snapshot(model), {n: p.requires_grad for n, p in model.named_parameters()}
+    training = {n: m.training for n, m in model.named_modules()}
+    config = FocusConfig(threshold=1.0, lr=0.5)
+    report = evaluate_next_token(model, TOK, TEXTS[:1], config, context_length=16, progress=True, max_uncertain=6)
+    assert report.n_uncertain == 6 and report.meta["model"] and report.meta["uncertain_per_second"] > 0
+    assert_untouched(model, before, rg, training)
+
+    def stop(w, r):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_next_token(model, TOK, TEXTS, config, context_length=8, progress=False, on_window=stop)
+    assert_untouched(model, before, rg, training)
+    calls = []
+
+    def failing_loss(*args):  # raises inside the SGD step, after the forward ran with grad
+        calls.append(1)
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(core, "focus_loss", failing_loss)
+    with pytest.raises(RuntimeError, match="boom"):
+        evaluate_next_token(model, TOK, TEXTS, config, context_length=8, progress=False)
+    assert calls
+    assert_untouched(model, before, rg, training)
+
+
+@pytest.mark.parametrize("steps,params", [(1, "all"), (2, "last:1")])
+def test_batched_positions_equal_one_by_one(steps, params):
+    model = tiny_causal_lm(layers=2)
+    config = FocusConfig(threshold=1.0, lr=0.5, steps=steps, params=params)
+    ids = tokenize_stream(TOK, TEXTS[:1])[None, :16]
+    with torch.no_grad():
+        logits = model(ids).logits[0]
+    trainable, frozen = core.split_parameters(model, config.params)
+    positions = [3, 7, 8, 15]
+    batched = refine_positions_batched(model, ids, logits, positions, trainable, frozen, config)
+    for t, res in zip(positions, batched):
+        single = refine_position(model, ids, logits[t], t, trainable, frozen, config)
+        assert not torch.allclose(single.logits, logits[t], atol=1e-3)  # the step did something
+        torch.testing.assert_close(res.logits, single.logits, rtol=1e-4, atol=1e-4)
+        assert res.changed == single.changed
+    one = evaluate_next_token(model, TOK, TEXTS[:2], config, context_length=16, progress=False, max_uncertain=12)
+    four = evaluate_next_token(model, TOK, TEXTS[:2], config, context_length=16, progress=False, max_uncertain=12,
+                               batch_positions=4)
+    assert one.outcomes == four.outcomes and one.n_total == four.n_total
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    (dict(context_length=0), "context_length"), (dict(stride=0), "stride"), (dict(stride=200), "stride"),
+    (dict(max_uncertain=0), "max_uncertain"), (dict(max_tokens=-1), "max_tokens"),
+    (dict(batch_positions=0), "batch_positions"), (dict(start_window=-1), "start_window"),
+    (dict(shard=(2, 2)), "shard"), (dict(thresholds=[0.0]), "thresholds"),
+])
+def test_bad_arguments_name_the_field(kwargs, field):
+    model = tiny_causal_lm(layers=1)
+    with pytest.raises(ValueError, match=field):
+        evaluate_next_token(model, TOK, TEXTS, FocusConfig(), progress=False, **kwargs)
+    with pytest.raises(ValueError, match="list of strings"):
+        evaluate_next_token(model, TOK, "one string", FocusConfig(), progress=False)
+
+
+@pytest.mark.default_model
+def test_default_model_on_bundled_sample():
+    from focus_decoding.data import load_texts
+    from focus_decoding.models import load_default_model
+
+    model, tokenizer = load_default_model()
+    before = {n: p.detach().clone() for n, p in list(model.named_parameters())[-3:]}
+    config = FocusConfig.preset("smollm2-135m")
+    texts = load_texts(max_texts=3)
+    report = evaluate_next_token(model, tokenizer, texts, config, context_length=24, max_uncertain=2,
+                                 progress=False, name="jargon")
+    assert report.n_uncertain == 2 and 2 <= report.n_total
+    assert report.meta["dataset"] == "jargon" and report.meta["context_length"] == 24
+    assert report.topk_counts[-1] == report.n_total  # threshold 1.0 counts every prediction
+    for n, p in list(model.named_parameters())[-3:]:
+        assert torch.equal(p, before[n]) and p.grad is None
+    # the first uncertain position matches deepcopy + torch.optim.SGD on the real model
+    stream = tokenize_stream(tokenizer, texts)[None, :24]
+    with torch.no_grad():
+        logits = model(stream).logits[0]
+    t = int(torch.nonzero(core.is_uncertain(logits, config.threshold))[0])
+    clone = copy.deepcopy(model)
+    opt = torch.optim.SGD(clone.parameters(), lr=config.lr, momentum=0, weight_decay=0)
+    loss = -clone(stream[:, :t + 1]).logits[0, -1][logits[t].topk(2).indices].mean()
+    loss.backward()
+    opt.step()
+    with torch.no_grad():
+        expected = clone(stream[:, :t + 1]).logits[0, -1]
+    trainable, frozen = core.split_parameters(model, config.params)
+    got = refine_position(model, stream, logits[t], t, trainable, frozen, config)
+    torch.testing.assert_close(got.logits, expected, rtol=1e-3, atol=1e-3)
+    assert got.logits.argmax() == expected.argmax()

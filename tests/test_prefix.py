@@ -1,0 +1,253 @@
+"""Cached-prefix refinement: the top-blocks forward equals the uncached one; the recorder keeps the right states."""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from focus_decoding import FocusConfig, core, prefix
+from focus_decoding.models import tiny_causal_lm
+from focus_decoding.prefix import (HiddenRecorder, input_states, kept_state_bytes, prefix_blocks, supports_prefix,
+                                   top_forward, window_states)
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run faster on one thread, above all on a loaded 2-core CI machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+ARCHS = [("llama", True), ("llama", False), ("qwen2", True), ("gpt2", True), ("gpt2", False)]
+ATOL = 2e-5
+
+
+def _ids(seed=0, length=9):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 96, (1, length), generator=g)
+
+
+def _uncached(model, ids):
+    return core.model_forward(model, ids, use_cache=False, select=lambda o: o.logits[0, -1])
+
+
+def _naive(model, ids, focus, config):
+    """The method written out: deep copy, plain torch.optim.SGD on the selected parameters, re-run."""
+    clone = copy.deepcopy(model)
+    trainable, _ = core.split_parameters(clone, config.params)
+    for p in clone.parameters():
+        p.requires_grad_(False)
+    for p in trainable.values():
+        p.requires_grad_(True)
+    opt = torch.optim.SGD(list(trainable.values()), lr=config.lr, momentum=0, weight_decay=0)
+    for _ in range(config.steps):
+        opt.zero_grad()
+        core.focus_loss(clone(ids, use_cache=False).logits[0, -1], focus, config.mode).backward()
+        opt.step()
+    with torch.no_grad():
+        return clone(ids, use_cache=False).logits[0, -1]
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("arch,tied", ARCHS)
+def test_top_forward_unchanged_params_equal_full_logits(arch, tied, attn):
+    model, ids = tiny_causal_lm(arch, tied=tied, layers=4, attn=attn), _ids()
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits[0, -1]
+        for n in (1, 2, 4):
+            assert torch.allclose(top_forward(model, n, input_states(model, n, ids))({}), full, atol=ATOL)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("arch,tied", ARCHS)
+def test_refine_with_kept_states_equals_uncached(arch, tied, attn, assert_untouched):
+    model, ids = tiny_causal_lm(arch, tied=tied, layers=4, attn=attn), _ids(1)
+    check = assert_untouched(model)
+    slow = _uncached(model, ids)
+    with torch.no_grad():
+        focus = core.focus_classes(slow({}), 2)
+    for n in (1, 2, 4):
+        hidden = input_states(model, n, ids)
+        # Every mode x steps combination at n=2; two of them at the other n keep the file fast.
+        combos = [("ifo", 1), ("ifo", 3), ("dofo", 1), ("dofo", 3)] if n == 2 else [("ifo", 1), ("dofo", 3)]
+        for mode, steps in combos:
+            config = FocusConfig(mode=mode, lr=0.05 if mode == "ifo" else 0.5, steps=steps, params=f"last:{n}")
+            assert prefix_blocks(model, config) == n
+            trainable, frozen = core.split_parameters(model, config.params)
+            fast = core.refine(top_forward(model, n, hidden), trainable, frozen, focus, config)
+            ref = core.refine(slow, trainable, frozen, focus, config)
+            assert not torch.allclose(ref, slow({}), atol=1e-3)  # the step really moved the logits
+            assert torch.allclose(fast, ref, atol=ATOL), (n, mode, steps, (fast - ref).abs().max())
+    check()
+
+
+@pytest.mark.parametrize("arch,tied,mode", [("llama", True, "ifo"), ("gpt2", False, "dofo")])
+def test_refine_with_kept_states_equals_naive_sgd(arch, tied, mode):
+    model, ids = tiny_causal_lm(arch, tied=tied, layers=4), _ids(2)
+    config = FocusConfig(mode=mode, lr=0.05 if mode == "ifo" else 0.5, steps=3, params="last:2")
+    with torch.no_grad():
+        focus = core.focus_classes(model(ids).logits[0, -1], 2)
+    trainable, frozen = core.split_parameters(model, config.params)
+    fast = core.refine(top_forward(model, 2, input_states(model, 2, ids)), trainable, frozen, focus, config)
+    assert torch.allclose(fast, _naive(model, ids, focus, config), atol=ATOL)
+
+
+def test_pattern_lists_and_the_tied_head_rule():
+    tied, untied = tiny_causal_lm("llama", tied=True), tiny_causal_lm("llama", tied=False)
+    # last:N never selects the head, so the tied embedding stays fixed and the kept states stay valid.
+    assert prefix_blocks(tied, FocusConfig(params="last:2")) == 2
+    # The head of a tied model IS the embedding: updating it changes every kept state -> uncached.
+    assert prefix_blocks(tied, FocusConfig(params=["lm_head"])) is None
+    assert prefix_blocks(untied, FocusConfig(params=["lm_head"])) == 1
+    assert prefix_blocks(untied, FocusConfig(params=["model.layers.2.mlp*"])) == 2
+    for model in (tied, untied):
+        assert prefix_blocks(model, FocusConfig(params="all")) is None
+        assert prefix_blocks(model, FocusConfig(params=["model.embed_tokens"])) is None
+    # An untied head alone: the fast path with one block equals the uncached path.
+    config, ids = FocusConfig(params=["lm_head"], lr=0.05, steps=2), _ids(3)
+    slow = _uncached(untied, ids)
+    with torch.no_grad():
+        focus = core.focus_classes(slow({}), 2)
+    trainable, frozen = core.split_parameters(untied, config.params)
+    fast = core.refine(top_forward(untied, 1, input_states(untied, 1, ids)), trainable, frozen, focus, config)
+    assert torch.allclose(fast, core.refine(slow, trainable, frozen, focus, config), atol=ATOL)
+
+
+def test_unsupported_models_fall_back_with_one_warning():
+    qwen = tiny_causal_lm("qwen2")
+    qwen.config.layer_types = ["full_attention", "sliding_attention"] * 2  # per-layer masks differ
+    plain = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    for model in (qwen, plain):
+        assert not supports_prefix(model)
+        assert prefix_blocks(model, FocusConfig(params="last:1")) is None
+        with pytest.raises(ValueError, match="not supported"):
+            HiddenRecorder(model, 1)
+    assert supports_prefix(tiny_causal_lm("gpt2")) and supports_prefix(tiny_causal_lm("llama"))
+    prefix._warned.clear()
+    config = FocusConfig(params="last:1")
+    with pytest.warns(RuntimeWarning, match="uncached"):
+        prefix.warn_fallback(qwen, config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        prefix.warn_fallback(qwen, config)  # warned once
+
+
+def test_bad_input_raises_value_error():
+    model, ids = tiny_causal_lm("llama"), _ids()
+    hidden = input_states(model, 2, ids)
+    with pytest.raises(ValueError, match="hidden"):
+        top_forward(model, 2, hidden[0])
+    with pytest.raises(ValueError, match="n must be in 1..4"):
+        top_forward(model, 5, hidden)
+    with pytest.raises(ValueError, match="attention_mask"):
+        top_forward(model, 2, hidden, attention_mask=torch.zeros(1, ids.shape[1], dtype=torch.long))
+    with pytest.raises(ValueError, match="n must be in 1..4"):
+        HiddenRecorder(model, 0)
+
+
+class _Check(LogitsProcessor):
+    """Files each step's states and compares every row's with an uncached forward on its unpadded context."""
+
+    def __init__(self, recorder, prompt_mask):
+        self.recorder, self.mask, self.rows = recorder, prompt_mask, 0
+
+    def __call__(self, input_ids, scores):
+        self.recorder.observe(input_ids)
+        mask = self.mask.repeat_interleave(input_ids.shape[0] // self.mask.shape[0], dim=0)
+        generated = torch.ones(input_ids.shape[1] - mask.shape[1], dtype=torch.bool)
+        for row in range(input_ids.shape[0]):
+            kept = self.recorder.hidden_for(row, input_ids[row], mask[row])
+            context = input_ids[row][torch.cat([mask[row].bool(), generated])][None]
+            ref = input_states(self.recorder.model, self.recorder.n, context)  # not recorded: uncached
+            assert kept is not None and kept.shape == ref.shape
+            assert torch.allclose(kept, ref, atol=ATOL), (row, (kept - ref).abs().max())
+            self.rows += 1
+        return scores
+
+
+@pytest.mark.parametrize("arch,attn", [("llama", "eager"), ("qwen2", "sdpa"), ("gpt2", "eager"), ("gpt2", "sdpa")])
+def test_recorder_states_match_uncached_forward_in_every_decoding_mode(arch, attn, assert_untouched):
+    model = tiny_causal_lm(arch, layers=4, attn=attn)
+    check = assert_untouched(model)
+    prompt = torch.tensor([[0, 0, 5, 6, 7], [3, 4, 5, 6, 7]])  # batch 2, row 0 left-padded
+    mask = (prompt != 0).long()
+    modes = [dict(do_sample=False), dict(do_sample=True, top_k=20, temperature=0.9, num_return_sequences=2),
+             dict(num_beams=3, num_return_sequences=2, do_sample=False)]
+    for kwargs in modes:
+        torch.manual_seed(0)
+        with HiddenRecorder(model, 2) as recorder:
+            checker = _Check(recorder, mask)
+            out = model.generate(prompt, attention_mask=mask, max_new_tokens=5, pad_token_id=0,
+                                 logits_processor=LogitsProcessorList([checker]), **kwargs)
+        per_step = 2 * kwargs.get("num_beams", kwargs.get("num_return_sequences", 1))  # rows the forward runs
+        assert checker.rows >= per_step and checker.rows % per_step == 0 and recorder.valid
+        assert recorder.nbytes >= kept_state_bytes(out.shape[0], out.shape[1] - 1, model.config.hidden_size, torch.float32)
+    assert not model._forward_pre_hooks and not core.find_blocks(model)[1][2]._forward_pre_hooks  # hooks removed
+    check()
+
+
+def test_recorder_refuses_rather_than_guesses():
+    model = tiny_causal_lm("llama")
+    with HiddenRecorder(model, 1) as recorder:
+        model.generate(torch.tensor([[3, 4, 5]]), max_new_tokens=3, pad_token_id=0)  # never observed
+        recorder.observe(torch.tensor([[3, 4, 5, 6, 7, 8]]))
+        assert not recorder.valid and recorder.hidden_for(0, torch.tensor([3, 4, 5, 6, 7, 8])) is None
+    recorder.reset()
+    with recorder:
+        with torch.no_grad():
+            model(torch.tensor([[3, 4, 5]]), use_cache=True)
+        recorder.observe(torch.tensor([[3, 4, 5]]))
+        assert recorder.hidden_for(0, torch.tensor([3, 4, 9])) is None  # other tokens: not these states
+        assert recorder.hidden_for(0, torch.tensor([3, 4, 5])).shape == (1, 3, model.config.hidden_size)
+
+
+def test_window_states_and_memory_report():
+    model, ids = tiny_causal_lm("gpt2"), _ids(4, 12)
+    with torch.no_grad():
+        out = model(ids, output_hidden_states=True, use_cache=False)
+    for n in (1, 3):
+        assert torch.equal(window_states(out, model, n), input_states(model, n, ids))
+    hidden = window_states(out, model, 2)
+    assert kept_state_bytes(1, 12, 32, torch.float32) == hidden.numel() * hidden.element_size()
+    assert kept_state_bytes(3, 12, 32, torch.bfloat16, layers=2) == 2 * torch.empty(3, 12, 32, dtype=torch.bfloat16).nbytes
+
+
+def test_model_untouched_when_the_step_raises(assert_untouched):
+    model, ids = tiny_causal_lm("llama"), _ids()
+    check = assert_untouched(model)
+    config = FocusConfig(params="last:2", steps=3, lr=0.1)
+    forward = top_forward(model, 2, input_states(model, 2, ids))
+    calls = []
+
+    def flaky(values):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("boom")
+        return forward(values)
+    trainable, frozen = core.split_parameters(model, config.params)
+    with pytest.raises(RuntimeError, match="boom"):
+        core.refine(flaky, trainable, frozen, torch.tensor([3, 4]), config)
+    check()
+
+
+@pytest.mark.default_model
+def test_default_model_last2_matches_uncached(default_model):
+    model, tok = default_model
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    config = FocusConfig(params="last:2", lr=1e-3)
+    slow = _uncached(model, ids)
+    with torch.no_grad():
+        logits = slow({})
+    focus = core.focus_classes(logits, 2)
+    trainable, frozen = core.split_parameters(model, config.params)
+    fast_forward = top_forward(model, prefix_blocks(model, config), input_states(model, 2, ids))
+    with torch.no_grad():
+        assert torch.allclose(fast_forward({}), logits, atol=1e-4)
+    fast = core.refine(fast_forward, trainable, frozen, focus, config)
+    ref = core.refine(slow, trainable, frozen, focus, config)
+    assert not torch.allclose(ref, logits, atol=1e-4)
+    assert torch.allclose(fast, ref, atol=1e-4)
