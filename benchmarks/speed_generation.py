@@ -14,7 +14,10 @@ For the embedded SmolLM2-135M and a tiny random llama, on a 128-token context (C
     what fits under the model-loading peak, so it is a lower bound.
 Timings are medians over interleaved repetitions (A, B, A, B, ...) so drift hits both sides alike.
 
-    python benchmarks/speed_generation.py [--quick] [--out results/speed_generation.json]
+    python benchmarks/speed_generation.py [--quick] [--threads 1] [--out results/speed_generation.json]
+
+On a machine shared with other jobs use --threads 1: with 2 OpenMP threads on 2 busy cores every
+op waits at a barrier and a tiny forward becomes ~100x slower, which swamps every ratio.
 """
 from __future__ import annotations
 
@@ -74,8 +77,10 @@ def step_timings(model, repeats: int) -> dict:
         loss = -model(ids, use_cache=False, **keep).logits[0, -1, focus].mean()
         torch.autograd.grad(loss, params)
 
+    proc = FocusLogitsProcessor(model, config)  # built once per generate call, so outside the timing
+
     def ours():
-        FocusLogitsProcessor(model, config)(ids, scores)
+        proc(ids, scores)
 
     def naive():
         ref = copy.deepcopy(model)
@@ -95,6 +100,7 @@ def step_timings(model, repeats: int) -> dict:
             times[name].append(_timed(fn))
     med = {k: statistics.median(v) for k, v in times.items()}
     floor = med["forward_backward"] + med["forward"]
+    assert proc.stats.totals["refined"] == proc.stats.totals["checked"]  # every timed call really refined
     return {"seconds": med, "floor_s": floor, "ours_over_floor": med["ours"] / floor,
             "naive_over_ours": med["naive"] / med["ours"]}
 
@@ -177,8 +183,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions and tokens")
     parser.add_argument("--out", help="write the JSON here too")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.memory_child:
         print(json.dumps(memory_child(args.memory_child)))
         return

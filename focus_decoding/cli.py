@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-texts", type=_positive_int, default=None)
     ev.add_argument("--context-length", type=_positive_int, default=128)
     ev.add_argument("--stride", type=_positive_int, default=None)
-    ev.add_argument("--max-uncertain", type=int, default=40, help="stop after this many refinements (0 = no limit)")
+    ev.add_argument("--max-uncertain", type=int, default=16, help="stop after this many refinements (0 = no limit)")
     ev.add_argument("--max-tokens", type=_positive_int, default=None, help="stop after this many scored positions")
     ev.add_argument("--batch-positions", type=_positive_int, default=1)
     ev.add_argument("--select-lr", type=_lr_grid, default=None, metavar="GRID",

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from . import core
+from . import core, prefix
 from .config import FocusConfig
 from .report import MAX_K, TOPK_THRESHOLDS, FocusReport
 
@@ -85,13 +85,21 @@ def evaluate_next_token(model: nn.Module, tokenizer, texts: Sequence[str], confi
     report.meta.update(model=_model_name(model), dataset=name, context_length=context_length, stride=stride,
                        batch_positions=batch_positions, shard=[rank, world], start_window=start_window)
     trainable, frozen = core.split_parameters(model, config.params)
+    n_top = prefix.prefix_blocks(model, config)  # last:N: refine through the top blocks from kept states
+    if n_top is None and config.last_blocks is not None:
+        prefix.warn_fallback(model, config)
+    if batch_positions > 1:
+        n_top = None  # the batched (vmap) path runs the full model
     t0, refine_s = time.perf_counter(), 0.0
     bar = _bar(windows, progress, name)
     with core.eval_mode(model):
         for w, (s, lo, hi) in bar:
             ids = stream[s:hi - 1][None]
             with torch.no_grad():
-                logits = model(ids, use_cache=False).logits[0].float()
+                out = model(ids, use_cache=False, output_hidden_states=n_top is not None)
+                logits = out.logits[0].float()
+            kept = None if n_top is None else (n_top, prefix.window_states(out, model, n_top))
+            del out
             first = lo - 1 - s  # local position predicting label index lo
             scored = logits[first:]
             labels = stream[lo:hi]
@@ -101,7 +109,7 @@ def evaluate_next_token(model: nn.Module, tokenizer, texts: Sequence[str], confi
             positions = (first + torch.nonzero(uncertain[:n]).flatten()).tolist()
             r0 = time.perf_counter()
             base, focus, nonfinite = _refine_window(model, ids, logits, positions, trainable, frozen, config,
-                                                    batch_positions)
+                                                    batch_positions, kept)
             refine_s += time.perf_counter() - r0
             report.nonfinite += nonfinite
             report.add_outcomes(stream[s + 1 + torch.tensor(positions, dtype=torch.long)].cpu(), base, focus)
@@ -120,13 +128,14 @@ def evaluate_next_token(model: nn.Module, tokenizer, texts: Sequence[str], confi
 
 
 # ----------------------------------------------------------------------------- refinement
-def _refine_window(model, ids, logits, positions, trainable, frozen, config, k) -> tuple[Tensor, Tensor, int]:
+def _refine_window(model, ids, logits, positions, trainable, frozen, config, k,
+                   kept=None) -> tuple[Tensor, Tensor, int]:
     """(unrefined top-1, emitted top-1, non-finite count) for the uncertain local ``positions``."""
     base, focus, nonfinite = [], [], 0
     for i in range(0, len(positions), k):
         chunk = positions[i:i + k]
         if k == 1:
-            results = [refine_position(model, ids, logits[chunk[0]], chunk[0], trainable, frozen, config)]
+            results = [refine_position(model, ids, logits[chunk[0]], chunk[0], trainable, frozen, config, kept)]
         else:
             results = refine_positions_batched(model, ids, logits, chunk, trainable, frozen, config)
         for t, res in zip(chunk, results):
@@ -136,8 +145,16 @@ def _refine_window(model, ids, logits, positions, trainable, frozen, config, k) 
     return torch.tensor(base, dtype=torch.long), torch.tensor(focus, dtype=torch.long), nonfinite
 
 
-def refine_position(model, ids: Tensor, logits_t: Tensor, t: int, trainable, frozen, config) -> core.StepResult:
-    """The method's step for the prediction at local position ``t``, exactly as in generation."""
+def refine_position(model, ids: Tensor, logits_t: Tensor, t: int, trainable, frozen, config,
+                    kept: tuple[int, Tensor] | None = None) -> core.StepResult:
+    """The method's step for the prediction at local position ``t``, exactly as in generation.
+
+    ``kept = (n, states entering block L-n for the window)`` runs the step through the top n blocks
+    only (``focus_decoding.prefix``; valid for last:N); None runs the full model.
+    """
+    if kept is not None:
+        n, states = kept
+        return core.focus_step(prefix.top_forward(model, n, states[:, :t + 1]), logits_t, trainable, frozen, config)
     forward = core.model_forward(model, ids[:, :t + 1], use_cache=False, select=lambda o: o.logits[0, -1])
     return core.focus_step(forward, logits_t, trainable, frozen, config)
 

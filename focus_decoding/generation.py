@@ -116,15 +116,18 @@ class FocusLogitsProcessor(LogitsProcessor):
         self.stats.ensure_rows(rows)
         mask = self._row_masks(rows)
         active = self._active_rows(input_ids, mask)
-        uncertain = core.is_uncertain(scores, self.config.threshold)  # batched gate: cheap when nothing fires
-        out = scores
-        with core.eval_mode(self.model):  # dropout off during the step; flags restored after
-            for row in range(rows):
-                if not active[row]:
-                    continue
+        uncertain = core.is_uncertain(scores, self.config.threshold).tolist()  # batched: cheap when nothing fires
+        todo = []
+        for row in range(rows):
+            if active[row]:
                 self.stats.checked[row] += 1
-                if not uncertain[row]:
-                    continue
+                if uncertain[row]:
+                    todo.append(row)
+        if not todo:  # the common case: leave the scores (and the model's flags) alone
+            return scores
+        out = scores.clone()
+        with core.eval_mode(self.model):  # dropout off during the step; flags restored after
+            for row in todo:
                 ids = self._row_context(input_ids[row], None if mask is None else mask[row])
                 result = core.focus_step(self._row_forward(row, ids), scores[row], self.trainable,
                                          self.frozen, self.config)
@@ -134,7 +137,6 @@ class FocusLogitsProcessor(LogitsProcessor):
                     new = result.logits
                     if self.scores_are_log_probs:
                         new = torch.log_softmax(new.float(), dim=-1).to(scores.dtype)
-                    out = out.clone() if out is scores else out  # copy only when something changes
                     out[row] = new
         return out
 
@@ -303,6 +305,8 @@ def _check_supported_call(model: nn.Module, call: Mapping[str, Any], kwargs: Map
     for proc in call.get("logits_processor") or []:
         if isinstance(proc, FocusLogitsProcessor):
             raise ValueError("pass either focus_config or a FocusLogitsProcessor in logits_processor, not both")
+    if call.get("inputs_embeds") is not None:
+        raise ValueError("focus_config needs token ids to rebuild each row's context; inputs_embeds is not supported")
     if call.get("custom_generate") is not None:
         raise ValueError("focus_config is not supported with custom_generate (a custom decoding loop)")
     _check_mode(call.get("generation_config") or model.generation_config, kwargs, call.get("assistant_model"))

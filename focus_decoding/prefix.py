@@ -166,8 +166,8 @@ def _block_inputs(model: nn.Module, hidden: Tensor, attention_mask: Tensor | Non
     global _capturing
     handle = blocks[0].register_forward_pre_hook(grab, with_kwargs=True, prepend=True)
     _capturing += 1  # a HiddenRecorder on block 0 must not record this partial forward
-    try:
-        with torch.no_grad():
+    try:  # outside inference mode: the step saves the mask and rotary tensors for backward
+        with torch.inference_mode(False), torch.no_grad():
             model(inputs_embeds=hidden.detach(), attention_mask=attention_mask, use_cache=False)
     except _Captured as stop:
         args, kwargs = stop.args

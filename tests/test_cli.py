@@ -178,3 +178,16 @@ def test_eval_vision_writes_reports(tmp_path, capsys):
     assert [s["n_total"] for s in saved["summaries"]] == [30]
     assert saved["config"]["mode"] == "dofo" and saved["config"]["lr"] == FocusConfig(mode="dofo").lr
     assert (tmp_path / "eval_vision.png").stat().st_size > 0 and "| digits |" in capsys.readouterr().out
+
+
+@pytest.mark.default_model
+def test_default_model_generate_uses_its_preset(default_model, monkeypatch, tmp_path, capsys):
+    from focus_decoding import models
+    from focus_decoding.config import PRESETS
+
+    monkeypatch.setattr(models, "load_default_model", lambda: default_model)  # loaded once per session
+    assert cli.main(["generate", "The capital of France is", "--max-new-tokens", "4", "--no-progress",
+                     "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "generate.json").read_text())
+    assert record["config"]["lr"] == PRESETS["smollm2-135m"]["ifo"] and len(record["focus_ids"]) == 4
+    assert record["stats"]["totals"]["checked"] == 4 and "plain:" in capsys.readouterr().out

@@ -35,6 +35,17 @@ def _uncached(model, ids):
     return core.model_forward(model, ids, use_cache=False, select=lambda o: o.logits[0, -1])
 
 
+def _spy(monkeypatch, name):
+    """Count calls of prefix.<name> (still calling the real one)."""
+    calls, real = [], getattr(prefix, name)
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(prefix, name, spy)
+    return calls
+
+
 def _naive(model, ids, focus, config):
     """The method written out: deep copy, plain torch.optim.SGD on the selected parameters, re-run."""
     clone = copy.deepcopy(model)
@@ -117,11 +128,21 @@ def test_pattern_lists_and_the_tied_head_rule():
     assert torch.allclose(fast, core.refine(slow, trainable, frozen, focus, config), atol=ATOL)
 
 
+def _tiny_opt():
+    """A causal LM of an architecture prefix.py does not support."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    return OPTForCausalLM(OPTConfig(vocab_size=96, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                                    num_attention_heads=4, word_embed_proj_dim=32, max_position_embeddings=64,
+                                    pad_token_id=0, bos_token_id=1, eos_token_id=2)).eval()
+
+
 def test_unsupported_models_fall_back_with_one_warning():
     qwen = tiny_causal_lm("qwen2")
     qwen.config.layer_types = ["full_attention", "sliding_attention"] * 2  # per-layer masks differ
-    plain = torch.nn.Sequential(torch.nn.Linear(4, 4))
-    for model in (qwen, plain):
+    opt, plain = _tiny_opt(), torch.nn.Sequential(torch.nn.Linear(4, 4))
+    for model in (qwen, opt, plain):
         assert not supports_prefix(model)
         assert prefix_blocks(model, FocusConfig(params="last:1")) is None
         with pytest.raises(ValueError, match="not supported"):
@@ -130,10 +151,10 @@ def test_unsupported_models_fall_back_with_one_warning():
     prefix._warned.clear()
     config = FocusConfig(params="last:1")
     with pytest.warns(RuntimeWarning, match="uncached"):
-        prefix.warn_fallback(qwen, config)
+        prefix.warn_fallback(opt, config)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        prefix.warn_fallback(qwen, config)  # warned once
+        prefix.warn_fallback(opt, config)  # warned once
 
 
 def test_bad_input_raises_value_error():
@@ -216,6 +237,17 @@ def test_window_states_and_memory_report():
     assert kept_state_bytes(3, 12, 32, torch.bfloat16, layers=2) == 2 * torch.empty(3, 12, 32, dtype=torch.bfloat16).nbytes
 
 
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_works_inside_no_grad_and_inference_mode(context):
+    model, ids = tiny_causal_lm("qwen2"), _ids(5)
+    config = FocusConfig(params="last:2", lr=0.05)
+    trainable, frozen = core.split_parameters(model, config.params)
+    focus = torch.tensor([3, 4])
+    with context():
+        fast = core.refine(top_forward(model, 2, input_states(model, 2, ids)), trainable, frozen, focus, config)
+    assert torch.allclose(fast, core.refine(_uncached(model, ids), trainable, frozen, focus, config), atol=ATOL)
+
+
 def test_model_untouched_when_the_step_raises(assert_untouched):
     model, ids = tiny_causal_lm("llama"), _ids()
     check = assert_untouched(model)
@@ -251,3 +283,37 @@ def test_default_model_last2_matches_uncached(default_model):
     ref = core.refine(slow, trainable, frozen, focus, config)
     assert not torch.allclose(ref, logits, atol=1e-4)
     assert torch.allclose(fast, ref, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- integration: evaluate_next_token
+class _Bytes:
+    """One token per byte for the tiny models (vocab 96), EOS = 2."""
+
+    eos_token_id = 2
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [3 + b % 90 for b in text.encode()]}
+
+
+@pytest.mark.parametrize("arch,tied,mode", [("llama", True, "ifo"), ("gpt2", False, "dofo"), ("qwen2", True, "dofo")])
+def test_evaluate_next_token_cached_equals_uncached(arch, tied, mode, monkeypatch, assert_untouched):
+    from focus_decoding.eval_text import evaluate_next_token
+    from focus_decoding.report import CO_WR, WR_CO, WR_OTHER
+
+    model = tiny_causal_lm(arch, tied=tied, layers=4)
+    check = assert_untouched(model)
+    texts = ["The quick brown fox jumps over the lazy dog.", "Pack my box with five dozen liquor jugs!"]
+    config = FocusConfig(mode=mode, lr=0.5 if mode == "ifo" else 20.0, threshold=0.3, params="last:2")
+    kwargs = dict(context_length=24, stride=12, progress=False)
+    cached = _spy(monkeypatch, "top_forward")
+    fast = evaluate_next_token(model, _Bytes(), texts, config, **kwargs)
+    assert len(cached) == fast.n_uncertain > 0  # every refinement took the cached path
+    monkeypatch.setattr(prefix, "prefix_blocks", lambda model, config: None)  # force the uncached path
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        slow = evaluate_next_token(model, _Bytes(), texts, config, **kwargs)
+    assert len(cached) == fast.n_uncertain
+    assert fast.outcomes == slow.outcomes and fast.n_total == slow.n_total
+    assert fast.delta_corr == slow.delta_corr
+    assert set(fast.outcomes) & {CO_WR, WR_CO, WR_OTHER}, "no refinement changed a prediction: test is vacuous"
+    check()
