@@ -6,7 +6,7 @@ Layout, read top-down: ``config`` (FocusConfig) -> ``core`` (the method) -> adap
 """
 from .config import PRESETS, FocusConfig
 from .core import focus_classes, focus_loss, focus_step, is_uncertain, refine, sgd_steps, split_parameters, top2_gap
-from .generation import FocusLogitsProcessor, FocusStats, disable, enable
+from .generation import FocusLogitsProcessor, FocusStats, disable, enable, is_enabled
 from .models import load_default_model
 from .report import FocusReport, markdown_table
 
@@ -23,7 +23,7 @@ _LAZY = {
 }
 
 __all__ = ["FocusConfig", "PRESETS", "FocusReport", "markdown_table", "FocusLogitsProcessor", "FocusStats",
-           "enable", "disable", "load_default_model", "focus_classes", "focus_loss", "focus_step", "is_uncertain",
+           "enable", "disable", "is_enabled", "load_default_model", "focus_classes", "focus_loss", "focus_step", "is_uncertain",
            "refine", "sgd_steps", "split_parameters", "top2_gap", *_LAZY]
 __version__ = "0.1.0"
 
