@@ -5,7 +5,8 @@ OLDEST := .venv-oldest
 PY := $(VENV)/bin/python
 # Pinned so pip takes the wheels on local disk instead of downloading several GB.
 TORCH := torch==2.14.1 torchvision==0.29.1
-# The oldest versions we declare support for (pyproject: transformers>=4.46); tested on the CPU torch wheel.
+# The oldest versions we declare support for (pyproject: transformers>=4.46), on the CPU torch wheel.
+# Tests run two workers with one thread each: two threads per worker on 2 cores thrash (100x slower).
 OLDEST_PINS := torch==2.13.0 transformers==4.46.3 accelerate==1.1.1 "numpy<2.3"
 OUT ?= results/demo
 
@@ -34,10 +35,10 @@ demo: setup
 test: test-latest test-oldest
 
 test-latest: setup
-	$(PY) -m pytest -n 2 -q tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 -q tests
 
 test-oldest: $(OLDEST)/.installed
-	$(OLDEST)/bin/python -m pytest -n 2 -q tests/test_config.py tests/test_core.py tests/test_generation.py
+	OMP_NUM_THREADS=1 $(OLDEST)/bin/python -m pytest -n 2 -q tests/test_config.py tests/test_core.py tests/test_generation.py
 
 bench: setup
 	$(PY) benchmarks/speed.py --out results/speed.json

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from transformers import LogitsProcessor
 from transformers.utils import ModelOutput
 
-from . import core
+from . import core, prefix
 from .config import FocusConfig
 
 STAT_FIELDS = ("checked", "uncertain", "refined", "changed", "nonfinite")
@@ -107,6 +107,9 @@ class FocusLogitsProcessor(LogitsProcessor):
         self.stats = FocusStats()
         self._keep = _logits_to_keep_kwarg(model)
         self._mask_cache: Tensor | None = None
+        # cached-prefix fast path (focus_decoding.prefix): enable's generate sets a HiddenRecorder here
+        self.recorder: prefix.HiddenRecorder | None = None
+        self._seen: tuple[Tensor, Tensor | None] | None = None
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         """Scores with every uncertain row replaced by its refined scores (same space as given)."""
@@ -116,6 +119,9 @@ class FocusLogitsProcessor(LogitsProcessor):
         self.stats.ensure_rows(rows)
         mask = self._row_masks(rows)
         active = self._active_rows(input_ids, mask)
+        if self.recorder is not None:  # file the states the forward just computed (every step, every row)
+            self.recorder.observe(input_ids)
+            self._seen = (input_ids, mask)
         uncertain = core.is_uncertain(scores, self.config.threshold).tolist()  # batched: cheap when nothing fires
         todo = []
         for row in range(rows):
@@ -142,6 +148,11 @@ class FocusLogitsProcessor(LogitsProcessor):
 
     def _row_forward(self, row: int, ids: Tensor) -> core.Forward:
         """Forward for one row: the full model on ``ids`` ([1, L]) without KV cache, last logits."""
+        if self.recorder is not None:  # last:N: run only the top blocks from the recorded states
+            seen, mask = self._seen
+            hidden = self.recorder.hidden_for(row, seen[row], None if mask is None else mask[row])
+            if hidden is not None and hidden.shape[1] == ids.shape[1]:
+                return prefix.top_forward(self.model, self.recorder.n, hidden)
         return core.model_forward(self.model, ids, use_cache=False, select=lambda o: o.logits[0, -1], **self._keep)
 
     def _row_context(self, ids: Tensor, mask: Tensor | None) -> Tensor:
@@ -237,6 +248,10 @@ def _focus_generate(self: nn.Module, *args: Any, focus_config: Any = _UNSET, **k
     _check_supported_call(self, call, kwargs)
 
     created: list[FocusLogitsProcessor] = []
+    n_top = prefix.prefix_blocks(self, config)  # cached-prefix fast path for last:N, when valid
+    if n_top is None and config.last_blocks is not None:
+        prefix.warn_fallback(self, config)
+    recorder = None if n_top is None else prefix.HiddenRecorder(self, n_top)
     had_own = "_get_logits_processor" in self.__dict__
     own = self.__dict__.get("_get_logits_processor")
 
@@ -247,6 +262,7 @@ def _focus_generate(self: nn.Module, *args: Any, focus_config: Any = _UNSET, **k
         gen_config = bound["generation_config"]
         _check_mode(gen_config, {}, None)  # the final config, after transformers merged everything
         focus = _processor_for_call(self, config, gen_config, bound)
+        focus.recorder = recorder
         created.append(focus)
         processors.insert(0, focus)  # FIRST: refine the model's own distribution, then warp it
         return processors
@@ -255,7 +271,11 @@ def _focus_generate(self: nn.Module, *args: Any, focus_config: Any = _UNSET, **k
     # duration of this call is the only way to run first, in every supported version
     self.__dict__["_get_logits_processor"] = get_logits_processor
     try:
-        out = original(*args, **kwargs)
+        if recorder is None:
+            out = original(*args, **kwargs)
+        else:
+            with recorder:  # hooks removed on exit, also on error
+                out = original(*args, **kwargs)
     finally:
         if had_own:
             self.__dict__["_get_logits_processor"] = own

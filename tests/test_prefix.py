@@ -317,3 +317,78 @@ def test_evaluate_next_token_cached_equals_uncached(arch, tied, mode, monkeypatc
     assert fast.delta_corr == slow.delta_corr
     assert set(fast.outcomes) & {CO_WR, WR_CO, WR_OTHER}, "no refinement changed a prediction: test is vacuous"
     check()
+
+
+# ----------------------------------------------------------------------------- integration: generate
+DECODING = {"greedy": dict(do_sample=False),
+            "sample": dict(do_sample=True, top_k=20, temperature=0.9, num_return_sequences=2),
+            "beam": dict(num_beams=3, num_return_sequences=2, do_sample=False)}
+
+
+@pytest.mark.parametrize("mode", ["ifo", "dofo"])
+@pytest.mark.parametrize("decoding", list(DECODING))
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_generate_cached_equals_uncached(arch, decoding, mode, monkeypatch, assert_untouched):
+    from focus_decoding.generation import enable
+
+    model = enable(tiny_causal_lm(arch, layers=4))
+    check = assert_untouched(model)
+    prompt = torch.tensor([[0, 0, 5, 6, 7], [3, 4, 5, 6, 7]])  # batch 2, row 0 left-padded
+    config = FocusConfig(mode=mode, lr=0.05 if mode == "ifo" else 0.5, threshold=1.0, steps=2, params="last:2")
+
+    def generate():
+        torch.manual_seed(0)
+        return model.generate(prompt, attention_mask=(prompt != 0).long(), max_new_tokens=5, pad_token_id=0,
+                              focus_config=config, output_scores=True, return_dict_in_generate=True,
+                              **DECODING[decoding])
+    cached = _spy(monkeypatch, "top_forward")
+    fast = generate()
+    assert len(cached) == fast.focus_stats.totals["uncertain"] > 0  # every refinement took the cached path
+    monkeypatch.setattr(prefix, "prefix_blocks", lambda model, config: None)  # force the uncached path
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        slow = generate()
+    assert len(cached) == fast.focus_stats.totals["uncertain"]  # the uncached run did not use it
+    assert fast.focus_stats.totals["refined"] == slow.focus_stats.totals["refined"] > 0
+    assert torch.equal(fast.sequences, slow.sequences)
+    for a, b in zip(fast.scores, slow.scores):
+        assert torch.allclose(a, b, atol=1e-4)
+    assert not model._forward_pre_hooks and not model._forward_hooks  # the recorder is gone
+    check()
+
+
+def test_generate_without_kv_cache_falls_back_to_uncached(monkeypatch):
+    from focus_decoding.generation import enable
+
+    model = enable(tiny_causal_lm("llama"))
+    config = FocusConfig(lr=0.05, threshold=1.0, params="last:1")
+    cached = _spy(monkeypatch, "top_forward")
+    kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, focus_config=config, output_scores=True,
+                  return_dict_in_generate=True)
+    nocache = model.generate(torch.tensor([[3, 4, 5]]), use_cache=False, **kwargs)
+    assert not cached  # nothing recorded without a KV cache: never a guess
+    fast = model.generate(torch.tensor([[3, 4, 5]]), **kwargs)
+    assert cached and torch.equal(nocache.sequences, fast.sequences)
+    assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(nocache.scores, fast.scores))
+
+
+def test_generate_tied_head_selector_uses_uncached_path_with_one_warning(monkeypatch):
+    from focus_decoding.generation import enable
+
+    model = enable(tiny_causal_lm("llama", tied=True))
+    cached = _spy(monkeypatch, "top_forward")
+    prefix._warned.clear()
+    kwargs = dict(max_new_tokens=2, do_sample=False, pad_token_id=0, focus_config=FocusConfig(
+        lr=0.05, threshold=1.0, params=["lm_head"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a pattern list is not last:N: silently uncached
+        model.generate(torch.tensor([[3, 4, 5]]), **kwargs)
+    assert not cached
+    unsupported = enable(_tiny_opt())
+    kwargs["focus_config"] = FocusConfig(lr=0.05, threshold=1.0, params="last:1")
+    with pytest.warns(RuntimeWarning, match="uncached"):
+        unsupported.generate(torch.tensor([[3, 4, 5]]), **kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        unsupported.generate(torch.tensor([[3, 4, 5]]), **kwargs)  # warned once
+    assert not cached
