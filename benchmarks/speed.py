@@ -21,6 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 SECTIONS = {"generation": "speed_generation", "prefix": "speed_prefix", "vision": "speed_vision", "eval": "speed_eval"}
+OPTIONS = {"prefix": {"generate": True}}  # also time last:2 focus generation against plain greedy
 
 
 def environment() -> dict:
@@ -46,7 +47,8 @@ def main(argv=None) -> dict:
     results = {"environment": environment()}
     for name in chosen:
         print(f"\n=== {name} ===", flush=True)
-        results[name] = importlib.import_module(SECTIONS[name]).run(quick=args.quick)
+        results[name] = importlib.import_module(SECTIONS[name]).run(quick=args.quick, **OPTIONS.get(name, {}))
+        print(json.dumps(results[name], indent=1, default=str), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2, default=str))
     print(f"\nwrote {args.out}")

@@ -5,20 +5,22 @@
 Each (input size, path) is measured in a fresh subprocess so that its memory high-water mark is its own.
 Time: median over repeats of one call on B uncertain images (threshold 1.0, so every row takes a step),
 after one warm-up call. Peak memory per chunk: on CUDA, ``torch.cuda.max_memory_allocated`` during the
-call minus the memory allocated before it; on CPU, the growth of the process's peak resident set size
-(``ru_maxrss``) from just before the first call (model, inputs and a plain forward already done) to after
-the last one, i.e. what one chunk of ``max_batch = B`` images adds on top of the model.
+call minus the memory allocated before it; on CPU, the peak resident-set growth over the calls, sampled
+by ``peak_memory.PeakRSS`` (model, inputs and a plain forward already done), i.e. what one chunk of
+``max_batch = B`` images adds on top of the model.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peak_memory import ENV, PeakRSS  # noqa: E402
 
 CASES = [(32, 16), (224, 4)]  # (input size, B uncertain images) on CPU
 QUICK_CASES = [(32, 4), (224, 2)]
@@ -42,18 +44,18 @@ def _worker(size: int, batch: int, method: str, repeats: int, device: str) -> di
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     times = []
-    for _ in range(repeats + 1):  # the first call is the warm-up
-        sync()
-        start = time.perf_counter()
-        clf(x)
-        sync()
-        times.append(time.perf_counter() - start)
+    with PeakRSS() as measured:
+        for _ in range(repeats + 1):  # the first call is the warm-up
+            sync()
+            start = time.perf_counter()
+            clf(x)
+            sync()
+            times.append(time.perf_counter() - start)
     if device == "cuda":
         peak_mb = (torch.cuda.max_memory_allocated() - before) / 2**20
-    else:  # ru_maxrss is in KiB on Linux
-        peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
+    else:
+        peak_mb = measured.extra_bytes / 2**20
     sec = statistics.median(times[1:])
     return {"size": size, "batch": batch, "method": method, "seconds": sec, "images_per_s": batch / sec,
             "peak_extra_mb": peak_mb, "vectorized": clf.stats.vectorized, "device": device,
@@ -71,7 +73,7 @@ def run(quick: bool = False, device: str | None = None) -> dict:
         pair = {}
         for method in ("loop", "vmap"):
             cmd = [sys.executable, __file__, "--worker", json.dumps([size, batch, method, repeats, device])]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=ENV).stdout
             pair[method] = json.loads(out.strip().splitlines()[-1])
         rows.append({"size": size, "batch": batch, "loop": pair["loop"], "vmap": pair["vmap"],
                      "speedup_vmap_over_loop": pair["loop"]["seconds"] / pair["vmap"]["seconds"],

@@ -22,6 +22,7 @@ import torch
 
 from .config import MODES, PRESETS, FocusConfig
 from .report import FocusReport, markdown_table
+from .report import jsonable as _jsonable
 
 TINY_MODELS = ("tiny-llama", "tiny-gpt2", "tiny-qwen2")
 DEFAULT_MODEL = "smollm2-135m"  # what --model means when it is not given
@@ -49,7 +50,7 @@ def char_tokenizer():
 
 def load_model(spec: str | None = None, *, device: str | torch.device = "cpu", seed: int = 0):
     """(model, tokenizer): None = embedded SmolLM2-135M; ``tiny-llama|gpt2|qwen2``; else a HF id or path."""
-    from .models import load_default_model, tiny_causal_lm
+    from .models import load_causal_lm, load_default_model, tiny_causal_lm
 
     if spec in (None, "", "default", DEFAULT_MODEL):
         model, tokenizer = load_default_model()
@@ -57,13 +58,7 @@ def load_model(spec: str | None = None, *, device: str | torch.device = "cpu", s
         tokenizer = char_tokenizer()
         model = tiny_causal_lm(spec[5:], vocab_size=len(tokenizer), seed=seed)
     else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(spec)
-        model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch.float32).eval()
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        tokenizer.padding_side = "left"
+        model, tokenizer = load_causal_lm(spec)
     return model.to(device).eval(), tokenizer
 
 
@@ -100,16 +95,6 @@ def write_results(out: str | Path, stem: str, reports: Sequence[FocusReport], ex
     plots.plot_report(reports[-1], out / f"{stem}.png")
     return out / f"{stem}.json"
 
-
-def _jsonable(x: Any) -> Any:
-    """JSON has no NaN: write it as null so any reader can load the file."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    return x
 
 
 # ----------------------------------------------------------------------------- arguments

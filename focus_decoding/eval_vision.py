@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -15,6 +14,7 @@ from . import report as rep
 from .config import FocusConfig
 from .core import top2_gap
 from .report import FocusReport
+from .report import jsonable as _jsonable
 from .vision import FocusClassifier, digits_model, load_classifier, load_image_dataset
 
 
@@ -154,14 +154,3 @@ def write_outputs(reports: Sequence[FocusReport], out_dir: str | os.PathLike, st
 
 def _slug(text: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in str(text))[:40]
-
-
-def _jsonable(x: Any) -> Any:
-    """JSON has no NaN: write it as null so any reader can load the file."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    return x

@@ -26,22 +26,22 @@ def default_model_path() -> Path:
 
 def load_default_model(dtype: torch.dtype = torch.float32):
     """(model, tokenizer) for SmolLM2-135M-Instruct, dequantised from its GGUF file, in eval mode."""
+    path = default_model_path()
+    return load_causal_lm(path.parent, dtype, gguf_file=path.name)
+
+
+def load_causal_lm(name_or_path, dtype: torch.dtype = torch.float32, **kwargs):
+    """(model, tokenizer) for a Hugging Face causal LM id or folder: eval mode, left-padding tokenizer."""
+    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = default_model_path()
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype) \
-        if _has_dtype_kwarg() else AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, torch_dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
+    dtype_key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"  # renamed in 5.0
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, **{dtype_key: dtype}, **kwargs)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"  # decoder-only batches are left-padded for generation
     return model.eval(), tokenizer
-
-
-def _has_dtype_kwarg() -> bool:
-    import transformers
-
-    return int(transformers.__version__.split(".")[0]) >= 5
 
 
 def tiny_causal_lm(arch: str = "llama", *, tied: bool = True, vocab_size: int = 96, layers: int = 4,

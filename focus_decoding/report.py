@@ -197,6 +197,17 @@ def exact_mcnemar(b: int, c: int) -> float:
     return min(1.0, 2.0 * tail)
 
 
+def jsonable(x: Any) -> Any:
+    """``x`` with NaN/inf floats written as None: JSON has no NaN, and every reader must load our files."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    return x
+
+
 def markdown_table(reports: Sequence[FocusReport]) -> str:
     """The method's table layout: data set, model, fraction uncertain, |D_te,1,2|, lr, accuracies, Δ, p."""
     rows = ["| data set | model | uncertain % | n uncertain | lr | base acc % | focus acc % | Δ acc (pp) | Δ corr | p-value |",

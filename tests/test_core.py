@@ -1,6 +1,4 @@
 """The core step against a naive reference written straight from the method."""
-import copy
-
 import pytest
 import torch
 from torch import nn
@@ -8,26 +6,7 @@ from torch import nn
 from focus_decoding import FocusConfig, focus_classes, focus_loss, focus_step, is_uncertain, split_parameters, top2_gap
 from focus_decoding.core import model_forward, refine
 from focus_decoding.models import tiny_causal_lm
-
-
-def naive_refined_logits(model, ids, focus, cfg, names):
-    """Deep copy + torch.optim.SGD(momentum=0, weight_decay=0), exactly as Algorithm 1 reads."""
-    m = copy.deepcopy(model)
-    params = [p for n, p in m.named_parameters() if n in names]
-    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=0, weight_decay=0)
-    for _ in range(cfg.steps):
-        opt.zero_grad()
-        logits = m(ids).logits[0, -1]
-        if cfg.mode == "ifo":
-            loss = -logits[focus].mean()
-        else:
-            others = torch.ones_like(logits, dtype=torch.bool)
-            others[focus] = False
-            loss = logits[others].mean()
-        loss.backward()
-        opt.step()
-    with torch.no_grad():
-        return m(ids).logits[0, -1]
+from reference import naive_refine
 
 
 # --------------------------------------------------------------------- gate, focus set, loss
@@ -72,7 +51,8 @@ def test_refine_equals_naive_sgd(arch, tied, mode, lr, steps, params):
     focus = focus_classes(base, cfg.n_focus)
     trainable, frozen = split_parameters(model, cfg.params)
     ours = refine(model_forward(model, ids, select=lambda o: o.logits[0, -1]), trainable, frozen, focus, cfg)
-    ref = naive_refined_logits(model, ids, focus, cfg, set(trainable))
+    ref = naive_refine(model, lambda m: m(ids).logits[0, -1], focus, cfg.mode, cfg.lr, cfg.steps,
+                       select=lambda name: name in trainable)
     assert (ref - base).abs().max() > 1e-3  # the step really moved the logits
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
 

@@ -9,6 +9,7 @@ from focus_decoding.eval_text import (evaluate_next_token, refine_position, refi
                                       tokenize_stream, window_bounds)
 from focus_decoding.models import tiny_causal_lm
 from focus_decoding.report import FocusReport
+from reference import naive_refine
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "Pack my box with five dozen liquor jugs!",
          "How vexingly quick daft zebras jump."]
@@ -71,21 +72,9 @@ def naive_reference(model, texts, config, context_length, stride):
             if probs[0] - probs[1] >= config.threshold:
                 continue
             focus = logits[t].topk(config.n_focus).indices
-            clone = copy.deepcopy(model)
-            opt = torch.optim.SGD(clone.parameters(), lr=config.lr, momentum=0, weight_decay=0)
-            for _ in range(config.steps):
-                opt.zero_grad()
-                out = clone(window[None, :t + 1]).logits[0, -1]
-                if config.mode == "ifo":
-                    loss = -out[focus].mean()
-                else:
-                    mask = torch.ones_like(out, dtype=torch.bool)
-                    mask[focus] = False
-                    loss = out[mask].mean()
-                loss.backward()
-                opt.step()
-            with torch.no_grad():
-                new = clone(window[None, :t + 1]).logits[0, -1].argmax().item()
+            ctx = window[None, :t + 1]
+            new = naive_refine(model, lambda m: m(ctx).logits[0, -1], focus, config.mode, config.lr,
+                               config.steps).argmax().item()
             outcomes.append((stream[label_index].item(), logits[t].argmax().item(), new))
     return n_total, outcomes
 
@@ -236,13 +225,9 @@ def test_default_model_on_bundled_sample():
     with torch.no_grad():
         logits = model(stream).logits[0]
     t = int(torch.nonzero(core.is_uncertain(logits, config.threshold))[0])
-    clone = copy.deepcopy(model)
-    opt = torch.optim.SGD(clone.parameters(), lr=config.lr, momentum=0, weight_decay=0)
-    loss = -clone(stream[:, :t + 1]).logits[0, -1][logits[t].topk(2).indices].mean()
-    loss.backward()
-    opt.step()
-    with torch.no_grad():
-        expected = clone(stream[:, :t + 1]).logits[0, -1]
+    ctx = stream[:, :t + 1]
+    expected = naive_refine(model, lambda m: m(ctx).logits[0, -1], logits[t].topk(config.n_focus).indices, config.mode,
+                            config.lr, config.steps)
     trainable, frozen = core.split_parameters(model, config.params)
     got = refine_position(model, stream, logits[t], t, trainable, frozen, config)
     torch.testing.assert_close(got.logits, expected, rtol=1e-3, atol=1e-3)

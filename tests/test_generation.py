@@ -10,6 +10,7 @@ from transformers import GenerationConfig, LogitsProcessorList
 
 from focus_decoding import FocusConfig, core
 from focus_decoding.generation import FocusLogitsProcessor, FocusStats, disable, enable, is_enabled
+from reference import naive_refine
 
 PROMPT = [1, 5, 7, 9, 11]
 EOS = 2  # the tiny models' eos: min_new_tokens masks it to -inf in generate's scores
@@ -18,26 +19,11 @@ LR = {"ifo": 0.3, "dofo": 30.0}  # visible changes on the tiny models (their log
 
 # ----------------------------------------------------------------------------- naive reference
 def naive_refined(model, ids, mode, lr, steps=1, n_focus=2, select=lambda name: True):
-    """The method written straight: deep copy, torch.optim.SGD on the selected params, re-run."""
-    ref = copy.deepcopy(model).eval()
+    """(unrefined, refined) last-position logits, the refined ones from the naive reference."""
     with torch.no_grad():
-        base = ref(ids).logits[0, -1]
+        base = model(ids).logits[0, -1]
     focus = base.topk(n_focus).indices
-    params = [p for n, p in ref.named_parameters() if select(n)]
-    opt = torch.optim.SGD(params, lr=lr, momentum=0, weight_decay=0)
-    for _ in range(steps):
-        opt.zero_grad()
-        logits = ref(ids).logits[0, -1]
-        if mode == "ifo":
-            loss = -logits[focus].mean()
-        else:
-            others = torch.ones_like(logits, dtype=torch.bool)
-            others[focus] = False
-            loss = logits[others].mean()
-        loss.backward()
-        opt.step()
-    with torch.no_grad():
-        return base, ref(ids).logits[0, -1]
+    return base, naive_refine(model, lambda m: m(ids).logits[0, -1], focus, mode, lr, steps, select)
 
 
 def last_two_llama(name):

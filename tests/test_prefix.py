@@ -1,7 +1,6 @@
 """Cached-prefix refinement: the top-blocks forward equals the uncached one; the recorder keeps the right states."""
 from __future__ import annotations
 
-import copy
 import warnings
 
 import pytest
@@ -10,6 +9,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from focus_decoding import FocusConfig, core, prefix
 from focus_decoding.models import tiny_causal_lm
+from reference import naive_refine
 from focus_decoding.prefix import (HiddenRecorder, input_states, kept_state_bytes, prefix_blocks, supports_prefix,
                                    top_forward, window_states)
 
@@ -47,20 +47,10 @@ def _spy(monkeypatch, name):
 
 
 def _naive(model, ids, focus, config):
-    """The method written out: deep copy, plain torch.optim.SGD on the selected parameters, re-run."""
-    clone = copy.deepcopy(model)
-    trainable, _ = core.split_parameters(clone, config.params)
-    for p in clone.parameters():
-        p.requires_grad_(False)
-    for p in trainable.values():
-        p.requires_grad_(True)
-    opt = torch.optim.SGD(list(trainable.values()), lr=config.lr, momentum=0, weight_decay=0)
-    for _ in range(config.steps):
-        opt.zero_grad()
-        core.focus_loss(clone(ids, use_cache=False).logits[0, -1], focus, config.mode).backward()
-        opt.step()
-    with torch.no_grad():
-        return clone(ids, use_cache=False).logits[0, -1]
+    """The naive reference on the parameters ``config.params`` selects."""
+    names = set(core.split_parameters(model, config.params)[0])
+    return naive_refine(model, lambda m: m(ids, use_cache=False).logits[0, -1], focus, config.mode, config.lr,
+                        config.steps, select=lambda name: name in names)
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])

@@ -10,6 +10,7 @@ from torch import nn
 
 from focus_decoding import FocusConfig
 from focus_decoding.report import CO_CO, CO_WR, MAX_K, WR_CO, WR_OTHER, WR_SAME
+from reference import naive_refine
 
 torchvision = pytest.importorskip("torchvision")  # the vision extra; CI installs it
 from focus_decoding.eval_vision import evaluate_classifier, run_eval_vision  # noqa: E402
@@ -21,24 +22,12 @@ pytestmark = pytest.mark.vision
 
 # --------------------------------------------------------------------- helpers
 def naive_refined(model, x, cfg):
-    """Algorithm 1 for ONE image x [1, ...]: deepcopy, eval mode, plain SGD, re-run."""
-    m = copy.deepcopy(model).eval()
+    """Algorithm 1 for ONE image x [1, ...] through the naive reference (deepcopy, eval, plain SGD)."""
     with torch.no_grad():
-        base = m(x)[0]
-    focus = base.topk(cfg.n_focus).indices
-    params = [p for n, p in m.named_parameters() if cfg.params == "all" or any(
-        n == pat or n.startswith(pat + ".") or fnmatch.fnmatchcase(n, pat) for pat in cfg.params)]
-    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=0, weight_decay=0)
-    for _ in range(cfg.steps):
-        opt.zero_grad()
-        logits = m(x)[0]
-        others = torch.ones_like(logits, dtype=torch.bool)
-        others[focus] = False
-        loss = -logits[focus].mean() if cfg.mode == "ifo" else logits[others].mean()
-        loss.backward()
-        opt.step()
-    with torch.no_grad():
-        return m(x)[0]
+        base = copy.deepcopy(model).eval()(x)[0]
+    select = lambda n: cfg.params == "all" or any(  # noqa: E731
+        n == pat or n.startswith(pat + ".") or fnmatch.fnmatchcase(n, pat) for pat in cfg.params)
+    return naive_refine(model, lambda m: m(x)[0], base.topk(cfg.n_focus).indices, cfg.mode, cfg.lr, cfg.steps, select)
 
 
 def snapshot(model):
