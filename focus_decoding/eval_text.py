@@ -92,6 +92,8 @@ def evaluate_next_token(model: nn.Module, tokenizer, texts: Sequence[str], confi
         n_top = None  # the batched (vmap) path runs the full model
     t0, refine_s = time.perf_counter(), 0.0
     bar = _bar(windows, progress, name)
+    # Refinements dominate the time: with a budget, a second bar counts them (ETA per refinement).
+    refined_bar = _NoBar() if not progress or max_uncertain is None else _refinement_bar(max_uncertain)
     with core.eval_mode(model):
         for w, (s, lo, hi) in bar:
             ids = stream[s:hi - 1][None]
@@ -109,7 +111,7 @@ def evaluate_next_token(model: nn.Module, tokenizer, texts: Sequence[str], confi
             positions = (first + torch.nonzero(uncertain[:n]).flatten()).tolist()
             r0 = time.perf_counter()
             base, focus, nonfinite = _refine_window(model, ids, logits, positions, trainable, frozen, config,
-                                                    batch_positions, kept)
+                                                    batch_positions, kept, tick=refined_bar.update)
             refine_s += time.perf_counter() - r0
             report.nonfinite += nonfinite
             report.add_outcomes(stream[s + 1 + torch.tensor(positions, dtype=torch.long)].cpu(), base, focus)
@@ -122,6 +124,7 @@ def evaluate_next_token(model: nn.Module, tokenizer, texts: Sequence[str], confi
                 on_window(w, report)
             if n < labels.numel() or _limit_hit(report, max_uncertain, max_tokens):
                 break
+    refined_bar.close()
     report.seconds = time.perf_counter() - t0
     _finish_meta(report, refine_s)
     return report
@@ -129,7 +132,7 @@ def evaluate_next_token(model: nn.Module, tokenizer, texts: Sequence[str], confi
 
 # ----------------------------------------------------------------------------- refinement
 def _refine_window(model, ids, logits, positions, trainable, frozen, config, k,
-                   kept=None) -> tuple[Tensor, Tensor, int]:
+                   kept=None, tick=lambda n: None) -> tuple[Tensor, Tensor, int]:
     """(unrefined top-1, emitted top-1, non-finite count) for the uncertain local ``positions``."""
     base, focus, nonfinite = [], [], 0
     for i in range(0, len(positions), k):
@@ -142,6 +145,7 @@ def _refine_window(model, ids, logits, positions, trainable, frozen, config, k,
             base.append(int(logits[t].argmax()))
             focus.append(int(res.logits.argmax()))
             nonfinite += int(res.nonfinite)
+        tick(len(chunk))
     return torch.tensor(base, dtype=torch.long), torch.tensor(focus, dtype=torch.long), nonfinite
 
 
@@ -228,6 +232,20 @@ def _model_name(model: nn.Module) -> str:
     cfg = getattr(model, "config", None)
     path = str(getattr(cfg, "name_or_path", "") or "")
     return path.rstrip("/").rsplit("/", 1)[-1] or getattr(cfg, "model_type", None) or type(model).__name__
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _refinement_bar(total: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="refined", unit="position", position=1, leave=False)
 
 
 def _bar(windows, progress: bool, name: str):
