@@ -10,7 +10,6 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Sequence
 
-import torch
 from torch import Tensor
 
 # outcome of one uncertain prediction: unmodified -> refined

@@ -227,6 +227,7 @@ def test_inference_mode_and_nonfinite_fallback():
         bad = clf.stats.nonfinite
         assert bad > 0 and clf.stats.refined == 3 - bad
         assert torch.isfinite(out).all()
+        assert int((out == base).all(-1).sum()) >= bad  # an overflowed row emits its unrefined logits
 
 
 # --------------------------------------------------------------------- evaluate_classifier
