@@ -50,6 +50,18 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
+def _interleaved_medians(fns: dict, repeats: int, desc: str) -> dict[str, float]:
+    """Median seconds of each function after one warm-up, the functions interleaved so that the
+    machine's drift hits them all alike."""
+    for fn in fns.values():  # warm-up: allocator, lazy inits
+        fn()
+    times = {k: [] for k in fns}
+    for _ in tqdm(range(repeats), desc=desc, leave=False):
+        for name, fn in fns.items():
+            times[name].append(_timed(fn))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def _load(name: str):
     if name == "smollm2-135m":
         return load_default_model()[0]
@@ -94,13 +106,7 @@ def step_timings(model, repeats: int) -> dict:
             ref(ids, use_cache=False)
 
     fns = {"forward": forward, "forward_backward": forward_backward, "ours": ours, "naive": naive}
-    for fn in fns.values():  # warm-up: allocator, lazy inits
-        fn()
-    times = {k: [] for k in fns}
-    for _ in tqdm(range(repeats), desc="step timings", leave=False):
-        for name, fn in fns.items():
-            times[name].append(_timed(fn))
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = _interleaved_medians(fns, repeats, "step timings")
     floor = med["forward_backward"] + med["forward"]
     assert proc.stats.totals["refined"] == proc.stats.totals["checked"]  # every timed call really refined
     return {"seconds": med, "floor_s": floor, "ours_over_floor": med["ours"] / floor,
@@ -115,13 +121,7 @@ def gated_off_overhead(model, repeats: int, new_tokens: int) -> dict:
               pad_token_id=model.config.pad_token_id or 0)
     off = FocusConfig(threshold=1e-9)
     runs = {"plain": lambda: model.generate(ids, **kw), "gated_off": lambda: model.generate(ids, focus_config=off, **kw)}
-    for fn in runs.values():
-        fn()
-    times = {k: [] for k in runs}
-    for _ in tqdm(range(repeats), desc="gated-off generate", leave=False):
-        for name, fn in runs.items():
-            times[name].append(_timed(fn))
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = _interleaved_medians(runs, repeats, "gated-off generate")
     assert model.last_focus_stats.totals["uncertain"] == 0  # really gated off
     return {"seconds": med, "new_tokens": new_tokens, "gated_off_over_plain": med["gated_off"] / med["plain"]}
 
