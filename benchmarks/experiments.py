@@ -100,21 +100,21 @@ def threshold_reports(model, tokenizer, texts, config: FocusConfig, thresholds: 
     trainable, frozen = core.split_parameters(model, top.params)
     reports = {t: FocusReport(name=f"threshold {t:g}", config=dataclasses.replace(config, threshold=t).to_dict())
                for t in thresholds}
-    with core.eval_mode(model):
-        for ids, t, logits_t, label in tqdm(scan_positions(model, tokenizer, texts, context_length=context_length,
-                                                           max_tokens=max_tokens), total=max_tokens,
-                                            desc="threshold sweep", unit="position", disable=not progress):
-            gap = float(core.top2_gap(logits_t))
-            for rep in reports.values():
-                rep.add_predictions(logits_t[None], label[None])
-            if gap >= top.threshold:
-                continue
-            # the refinement does not depend on the threshold, only whether it runs: do it once
-            res = core.focus_step(position_forward(model, ids, t), logits_t, trainable, frozen, top)
-            for th, rep in reports.items():
-                if gap < th:
-                    rep.add_outcomes(label[None].cpu(), logits_t.argmax()[None].cpu(), res.logits.argmax()[None].cpu())
-                    rep.nonfinite += int(res.nonfinite)
+    model = core.module_view(model)  # eval mode on a private view: the caller's model is never touched
+    for ids, t, logits_t, label in tqdm(scan_positions(model, tokenizer, texts, context_length=context_length,
+                                                       max_tokens=max_tokens), total=max_tokens,
+                                        desc="threshold sweep", unit="position", disable=not progress):
+        gap = float(core.top2_gap(logits_t))
+        for rep in reports.values():
+            rep.add_predictions(logits_t[None], label[None])
+        if gap >= top.threshold:
+            continue
+        # the refinement does not depend on the threshold, only whether it runs: do it once
+        res = core.focus_step(position_forward(model, ids, t), logits_t, trainable, frozen, top)
+        for th, rep in reports.items():
+            if gap < th:
+                rep.add_outcomes(label[None].cpu(), logits_t.argmax()[None].cpu(), res.logits.argmax()[None].cpu())
+                rep.nonfinite += int(res.nonfinite)
     return reports
 
 
@@ -205,10 +205,12 @@ def steps_predictions(model, ids, t: int, logits_t, trainable, frozen, config: F
 
     multi, single, current, done = {}, {}, dict(trainable), 0
     for p in sorted(powers):
-        current = core.sgd_steps(loss_fn, current, frozen, lr, 2 ** p - done) if 2 ** p > done else current
+        current = (core.sgd_steps(loss_fn, current, frozen, dataclasses.replace(config, lr=lr, steps=2 ** p - done))
+                   if 2 ** p > done else current)
         done = max(done, 2 ** p)
         multi[p] = top1(current)
-        single[p] = multi[p] if p == 0 else top1(core.sgd_steps(loss_fn, trainable, frozen, lr * 2 ** p, 1))
+        single[p] = multi[p] if p == 0 else top1(
+            core.sgd_steps(loss_fn, trainable, frozen, dataclasses.replace(config, lr=lr * 2 ** p, steps=1)))
     return multi, single
 
 
@@ -220,21 +222,21 @@ def exp_steps(model, tokenizer, texts, config: FocusConfig, *, lrs=(1e-5, 1e-4),
     single = {(lr, p): FocusReport(name=f"1 step lr={lr * 2 ** p:g}") for lr in lrs for p in powers}
     bar = tqdm(total=max_uncertain, desc="steps sweep", unit="refinement", disable=not progress)
     n = 0
-    with core.eval_mode(model):
-        for ids, t, logits_t, label in scan_positions(model, tokenizer, texts, context_length=context_length,
-                                                      max_tokens=max_tokens):
-            if not bool(core.is_uncertain(logits_t, config.threshold)):
-                continue
-            for lr in lrs:
-                mu, si = steps_predictions(model, ids, t, logits_t, trainable, frozen, config, lr, powers)
-                for p in powers:
-                    base = logits_t.argmax()[None].cpu()
-                    multi[lr, p].add_outcomes(label[None].cpu(), base, torch.tensor([mu[p]]))
-                    single[lr, p].add_outcomes(label[None].cpu(), base, torch.tensor([si[p]]))
-            n += 1
-            bar.update(1)
-            if max_uncertain is not None and n >= max_uncertain:
-                break
+    model = core.module_view(model)  # eval mode on a private view: the caller's model is never touched
+    for ids, t, logits_t, label in scan_positions(model, tokenizer, texts, context_length=context_length,
+                                                  max_tokens=max_tokens):
+        if not bool(core.is_uncertain(logits_t, config.threshold)):
+            continue
+        for lr in lrs:
+            mu, si = steps_predictions(model, ids, t, logits_t, trainable, frozen, config, lr, powers)
+            for p in powers:
+                base = logits_t.argmax()[None].cpu()
+                multi[lr, p].add_outcomes(label[None].cpu(), base, torch.tensor([mu[p]]))
+                single[lr, p].add_outcomes(label[None].cpu(), base, torch.tensor([si[p]]))
+        n += 1
+        bar.update(1)
+        if max_uncertain is not None and n >= max_uncertain:
+            break
     bar.close()
     relative = {f"lr={lr:g}": [relative_gain(single[lr, p].delta_corr, multi[lr, p].delta_corr) for p in powers]
                 for lr in lrs}
@@ -269,7 +271,7 @@ def self_supervised_values(model, ids: torch.Tensor, trainable, frozen, lr: floa
         logits = forward(values).float()
         return torch.nn.functional.cross_entropy(logits[:-1], ids[0, 1:])
 
-    return core.sgd_steps(loss_fn, trainable, frozen, lr, 1)
+    return core.sgd_steps(loss_fn, trainable, frozen, FocusConfig(lr=lr))  # plain SGD: the same update rule
 
 
 def combination_position(model, ids, t: int, logits_t, trainable, frozen, config: FocusConfig,
@@ -291,21 +293,21 @@ def exp_combination(model, tokenizer, texts, config: FocusConfig, *, lr_in=1e-3,
                                     for n in ("f -> f_In", "f_In -> f_In+focus", "f -> f_In+focus"))
     gated_on_in = 0
     bar = tqdm(total=max_uncertain, desc="combination", unit="position", disable=not progress)
-    with core.eval_mode(model):
-        for ids, t, logits_t, label in scan_positions(model, tokenizer, texts, context_length=context_length,
-                                                      max_tokens=max_tokens):
-            if t < 1 or not bool(core.is_uncertain(logits_t, config.threshold)):
-                continue  # t < 1: a one-token context has no next-token target to train on
-            logits_in, res = combination_position(model, ids, t, logits_t, trainable, frozen, config, lr_in)
-            y, b, i, o = (label[None].cpu(), logits_t.argmax()[None].cpu(), logits_in.argmax()[None].cpu(),
-                          res.logits.argmax()[None].cpu())
-            f_vs_in.add_outcomes(y, b, i)
-            in_vs_opt.add_outcomes(y, i, o)
-            f_vs_opt.add_outcomes(y, b, o)
-            gated_on_in += int(res.uncertain)
-            bar.update(1)
-            if max_uncertain is not None and f_vs_in.n_uncertain >= max_uncertain:
-                break
+    model = core.module_view(model)  # eval mode on a private view: the caller's model is never touched
+    for ids, t, logits_t, label in scan_positions(model, tokenizer, texts, context_length=context_length,
+                                                  max_tokens=max_tokens):
+        if t < 1 or not bool(core.is_uncertain(logits_t, config.threshold)):
+            continue  # t < 1: a one-token context has no next-token target to train on
+        logits_in, res = combination_position(model, ids, t, logits_t, trainable, frozen, config, lr_in)
+        y, b, i, o = (label[None].cpu(), logits_t.argmax()[None].cpu(), logits_in.argmax()[None].cpu(),
+                      res.logits.argmax()[None].cpu())
+        f_vs_in.add_outcomes(y, b, i)
+        in_vs_opt.add_outcomes(y, i, o)
+        f_vs_opt.add_outcomes(y, b, o)
+        gated_on_in += int(res.uncertain)
+        bar.update(1)
+        if max_uncertain is not None and f_vs_in.n_uncertain >= max_uncertain:
+            break
     bar.close()
     acc = {"original f": f_vs_in.base_accuracy, "self-supervised f_In": f_vs_in.focus_accuracy,
            "f_In + focus": in_vs_opt.focus_accuracy}

@@ -38,7 +38,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # peak_memory, r
 
 import peak_memory
 from focus_decoding import FocusConfig
-from focus_decoding.generation import FocusLogitsProcessor, enable
+from focus_decoding.decoding import enable, last_focus_stats
+from focus_decoding.generation import FocusLogitsProcessor
 from focus_decoding.models import load_default_model, tiny_causal_lm
 
 CONTEXT = 128
@@ -122,7 +123,7 @@ def gated_off_overhead(model, repeats: int, new_tokens: int) -> dict:
     off = FocusConfig(threshold=1e-9)
     runs = {"plain": lambda: model.generate(ids, **kw), "gated_off": lambda: model.generate(ids, focus_config=off, **kw)}
     med = _interleaved_medians(runs, repeats, "gated-off generate")
-    assert model.last_focus_stats.totals["uncertain"] == 0  # really gated off
+    assert last_focus_stats().totals["uncertain"] == 0  # really gated off
     return {"seconds": med, "new_tokens": new_tokens, "gated_off_over_plain": med["gated_off"] / med["plain"]}
 
 

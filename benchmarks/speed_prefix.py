@@ -72,7 +72,7 @@ def refinement_times(model, context: int, ns=(1, 2, 4), repeats: int = 5) -> dic
 
 def generation_times(model, tokenizer, new_tokens: int = 32, repeats: int = 3) -> dict:
     """Generation with last:2 focus (cached) vs plain greedy vs full-parameter focus, same token count."""
-    from focus_decoding.generation import enable
+    from focus_decoding.decoding import enable, last_focus_stats
 
     enable(model)
     prompt = tokenizer(["Write a short story about a robot who learns to paint."], return_tensors="pt")
@@ -84,7 +84,7 @@ def generation_times(model, tokenizer, new_tokens: int = 32, repeats: int = 3) -
         "focus all": lambda: model.generate(**prompt, **common, focus_config=FocusConfig(lr=LR)),
     }
     fns["focus last:2"]()
-    stats = getattr(model, "last_focus_stats", None)
+    stats = last_focus_stats()
     times = _best_times(fns, repeats)
     return {"new_tokens": new_tokens, "seconds": times,
             "last:2/plain": times["focus last:2"] / times["plain"], "target": 1.5,

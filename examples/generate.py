@@ -9,7 +9,7 @@ import argparse
 import torch
 
 from focus_decoding import FocusConfig
-from focus_decoding.generation import enable
+from focus_decoding.decoding import enable
 from focus_decoding.models import load_default_model
 
 PROMPTS = [

@@ -219,7 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def cmd_generate(args: argparse.Namespace, config: FocusConfig) -> int:
     """Greedy continuation without and with focus refinement; changed tokens are marked."""
-    from . import generation
+    from .decoding import focus_generate
 
     device = resolve_device(args.device)
     model, tokenizer = load_model(args.model, device=device, seed=args.seed)
@@ -230,12 +230,11 @@ def cmd_generate(args: argparse.Namespace, config: FocusConfig) -> int:
     enc = tokenizer(prompt, return_tensors="pt").to(device)
     n_prompt = enc["input_ids"].shape[1]
     kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    generation.enable(model)
     plain = model.generate(**enc, **kwargs)[0, n_prompt:]
-    out = model.generate(**enc, **kwargs, focus_config=config, return_dict_in_generate=True)
+    out = focus_generate(model, **enc, **kwargs, focus_config=config, return_dict_in_generate=True)
     focus = out.sequences[0, n_prompt:]
     changed = changed_positions(model, out.sequences[0], n_prompt)
-    stats = getattr(out, "focus_stats", None) or getattr(model, "last_focus_stats", None)
+    stats = out.focus_stats
     color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
     print(f"prompt: {args.prompt}")
     print(f"plain:  {tokenizer.decode(plain, skip_special_tokens=True)}")

@@ -3,22 +3,25 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence, Union
 
 MODES = ("ifo", "dofo")
+STEP_RULES = ("fixed", "normalized")
 DEFAULT_LR = {"ifo": 1.6e-5, "dofo": 2.56e-4}  # Algorithm 1 of the method (its vision defaults)
+DEFAULT_TAU = 1.0  # normalized rule: first-order decrease of the focus loss, in logit units
 
-# Per-model learning rates the method used for its text experiments (iFo, doFo), plus the embedded
-# SmolLM2-135M: iFo helped at 1e-4 and hurt at 1.6e-2 in a first measurement; doFo 1e-4 was the best
-# point of a 48-token sweep here (Δ_Corr +3, p = 0.25: not significant). Settle both with --select-lr.
-PRESETS: dict[str, dict[str, float]] = {
-    "gpt2": {"ifo": 4.03e-2, "dofo": 6.25e-8},
-    "llama-3.2-1b": {"ifo": 2.29e-3, "dofo": 7.43e-6},
-    "gemma-2-2b": {"ifo": 4.03e-2, "dofo": 1.31e-4},
-    "qwen2.5-1.5b": {"ifo": 1.55e-2, "dofo": 7.43e-6},
-    "smollm2-135m": {"ifo": 1e-4, "dofo": 1e-4},
-    "vision": dict(DEFAULT_LR),
+# Per-model step settings, per mode: the learning rates the method used for its text experiments,
+# and, for the embedded SmolLM2-135M, what this package measured (see README, "Defaults backed by
+# evidence"). Each entry is a dict of FocusConfig fields.
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "gpt2": {"ifo": {"lr": 4.03e-2}, "dofo": {"lr": 6.25e-8}},
+    "llama-3.2-1b": {"ifo": {"lr": 2.29e-3}, "dofo": {"lr": 7.43e-6}},
+    "gemma-2-2b": {"ifo": {"lr": 4.03e-2}, "dofo": {"lr": 1.31e-4}},
+    "qwen2.5-1.5b": {"ifo": {"lr": 1.55e-2}, "dofo": {"lr": 7.43e-6}},
+    "smollm2-135m": {"ifo": {"lr": 1e-4}, "dofo": {"lr": 1e-4}},
+    "vision": {mode: {"lr": lr} for mode, lr in DEFAULT_LR.items()},
 }
 
 ParamsSelector = Union[str, Sequence[str]]
@@ -34,12 +37,16 @@ class FocusConfig:
         n_focus: how many of the most likely classes form the focus set (>= 1, < number of classes).
         threshold: refine only when p(top1) - p(top2) < threshold; in (0, 1]. 1.0 refines everything
             except exact certainty.
-        lr: SGD learning rate of the step; ``None`` takes the method's default for ``mode``
-            (1.6e-5 for iFo, 2.56e-4 for doFo).
+        lr: SGD learning rate of the ``"fixed"`` step rule; ``None`` takes the method's default for
+            ``mode`` (1.6e-5 for iFo, 2.56e-4 for doFo). Must be None under ``"normalized"``.
         steps: number of plain SGD steps (>= 1), focus set fixed across steps.
         params: which parameters the step updates: ``"all"``; ``"last:N"`` = the last N transformer
             blocks plus the final norm (never the output head); or a list of name patterns
             (``fnmatch`` globs, or a plain substring such as ``"lm_head"``).
+        step_rule: ``"fixed"`` (the method's: eta = lr) or ``"normalized"`` (eta = tau / ||g||^2 per
+            input, over the selected parameters, so the focus loss drops by tau to first order
+            whatever the size of the gradient).
+        tau: the normalized rule's target decrease (> 0); ``None`` = 1.0. Must be None under ``"fixed"``.
 
     Example:
         >>> from focus_decoding import FocusConfig
@@ -47,6 +54,8 @@ class FocusConfig:
         0.04
         >>> FocusConfig.preset("gpt2").lr
         0.0403
+        >>> FocusConfig(step_rule="normalized", tau=0.5).tau
+        0.5
         >>> FocusConfig.from_dict(FocusConfig(steps=3).to_dict()) == FocusConfig(steps=3)
         True
     """
@@ -57,23 +66,31 @@ class FocusConfig:
     lr: float | None = None
     steps: int = 1
     params: ParamsSelector = "all"
+    step_rule: str = "fixed"
+    tau: float | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"FocusConfig.mode must be one of {MODES}, got {self.mode!r}")
-        if self.lr is None:
-            object.__setattr__(self, "lr", DEFAULT_LR[self.mode])
-        if isinstance(self.n_focus, bool) or not isinstance(self.n_focus, int) or self.n_focus < 1:
-            raise ValueError(f"FocusConfig.n_focus must be an integer >= 1, got {self.n_focus!r}")
+        if self.step_rule not in STEP_RULES:
+            raise ValueError(f"FocusConfig.step_rule must be one of {STEP_RULES}, got {self.step_rule!r}")
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 - frozen dataclass
+        set_("n_focus", _integer(self.n_focus, "n_focus"))
+        set_("steps", _integer(self.steps, "steps"))
         if not _is_real(self.threshold) or not 0.0 < float(self.threshold) <= 1.0:
-            raise ValueError(f"FocusConfig.threshold must be in (0, 1], got {self.threshold!r}")
-        if not _is_real(self.lr) or not math.isfinite(self.lr) or self.lr <= 0:
-            raise ValueError(f"FocusConfig.lr must be a finite number > 0, got {self.lr!r}")
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
-            raise ValueError(f"FocusConfig.steps must be an integer >= 1, got {self.steps!r}")
-        object.__setattr__(self, "threshold", float(self.threshold))
-        object.__setattr__(self, "lr", float(self.lr))
-        object.__setattr__(self, "params", _normalise_params(self.params))
+            raise ValueError(f"FocusConfig.threshold must be a number in (0, 1], got {self.threshold!r}")
+        set_("threshold", float(self.threshold))
+        if self.step_rule == "fixed":
+            if self.tau is not None:
+                raise ValueError("FocusConfig.tau is the parameter of step_rule='normalized'; with step_rule='fixed' "
+                                 f"set lr instead (got tau={self.tau!r})")
+            set_("lr", _positive(DEFAULT_LR[self.mode] if self.lr is None else self.lr, "lr"))
+        else:
+            if self.lr is not None:
+                raise ValueError("FocusConfig.lr is the parameter of step_rule='fixed'; with step_rule='normalized' "
+                                 f"set tau instead (got lr={self.lr!r})")
+            set_("tau", _positive(DEFAULT_TAU if self.tau is None else self.tau, "tau"))
+        set_("params", _normalise_params(self.params))
 
     @property
     def last_blocks(self) -> int | None:
@@ -82,15 +99,24 @@ class FocusConfig:
             return int(self.params[5:])
         return None
 
+    @property
+    def step_size_label(self) -> str:
+        """``"lr=1e-4"`` or ``"tau=0.5"``: the step's one parameter, for tables and progress bars."""
+        return f"lr={self.lr:g}" if self.step_rule == "fixed" else f"tau={self.tau:g}"
+
     @classmethod
     def preset(cls, name: str, mode: str = "ifo", **overrides: Any) -> "FocusConfig":
-        """The learning rate the method used for model ``name`` (see ``PRESETS``), in ``mode``."""
-        key = name.lower()
+        """The step the method used (or this package measured) for model ``name`` in ``mode``; ``overrides`` win."""
+        key = str(name).lower()
         if key not in PRESETS:
             raise ValueError(f"unknown FocusConfig preset {name!r}; allowed: {sorted(PRESETS)}")
         if mode not in MODES:
             raise ValueError(f"FocusConfig.mode must be one of {MODES}, got {mode!r}")
-        return cls(mode=mode, lr=PRESETS[key][mode], **overrides)
+        fields = dict(PRESETS[key][mode])
+        if {"lr", "tau", "step_rule"} & set(overrides):  # an explicit step replaces the preset's step
+            for name_ in ("lr", "tau", "step_rule"):
+                fields.pop(name_, None)
+        return cls.from_dict({"mode": mode, **fields, **overrides})
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able dict (for ``GenerationConfig`` and result files)."""
@@ -101,11 +127,13 @@ class FocusConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "FocusConfig":
-        """Inverse of ``to_dict``; unknown keys raise ``ValueError``."""
-        allowed = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - allowed
+        """Inverse of ``to_dict``; unknown keys or a non-mapping raise ``ValueError``."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"FocusConfig.from_dict needs a dict of FocusConfig fields, got {type(data).__name__}")
+        allowed = [f.name for f in dataclasses.fields(cls)]
+        unknown = set(data) - set(allowed)
         if unknown:
-            raise ValueError(f"unknown FocusConfig field(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
+            raise ValueError(f"unknown FocusConfig field(s) {sorted(map(str, unknown))}; allowed: {allowed}")
         return cls(**dict(data))
 
     @classmethod
@@ -119,7 +147,20 @@ class FocusConfig:
 
 
 def _is_real(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+    """Python and numpy numbers, not bools (a bool threshold or lr is a mistake, not 1.0)."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and type(x).__name__ != "bool_"
+
+
+def _integer(x: Any, field: str) -> int:
+    if isinstance(x, numbers.Integral) and not isinstance(x, bool) and type(x).__name__ != "bool_" and int(x) >= 1:
+        return int(x)
+    raise ValueError(f"FocusConfig.{field} must be an integer >= 1, got {x!r}")
+
+
+def _positive(x: Any, field: str) -> float:
+    if not _is_real(x) or not math.isfinite(float(x)) or float(x) <= 0:
+        raise ValueError(f"FocusConfig.{field} must be a finite number > 0, got {x!r}")
+    return float(x)
 
 
 def _normalise_params(params: ParamsSelector) -> ParamsSelector:
@@ -131,10 +172,10 @@ def _normalise_params(params: ParamsSelector) -> ParamsSelector:
             if not n.isdigit() or int(n) < 1:
                 raise ValueError(f"FocusConfig.params 'last:N' needs an integer N >= 1, got {params!r}")
             return params
-        return (params,)  # a single name pattern
-    if isinstance(params, Sequence) and params and all(isinstance(p, str) and p for p in params):
+        if params.strip():
+            return (params,)  # a single name pattern
+    elif isinstance(params, Sequence) and params and all(isinstance(p, str) and p.strip() for p in params):
         return tuple(params)
     raise ValueError(
-        "FocusConfig.params must be 'all', 'last:N' (N >= 1) or a non-empty list of parameter name "
-        f"patterns, got {params!r}"
-    )
+        "FocusConfig.params must be 'all', 'last:N' (N >= 1) or a non-empty list of non-empty parameter name "
+        f"patterns, got {params!r}")

@@ -1,21 +1,28 @@
-"""The method itself: uncertainty gate, focus set, focus loss and a functional SGD step.
+"""The method itself: uncertainty gate, focus set, focus loss, step size and a functional SGD step.
 
 Every adapter (generation, vision, evaluation) feeds this module; nothing else computes the gate,
-the focus set, the loss or the update. The model is never modified: the step computes new
-parameter values into the gradient buffers and runs the refined forward through
-``torch.func.functional_call``, so no second copy of the model exists and nothing needs restoring.
+the focus set, the loss, the step size or the update. The user's model is never modified, not even
+for the duration of a call: the refined forward runs through ``torch.func.functional_call`` on a
+*view*, a private copy of the model's module tree that shares (never copies) its parameter and
+buffer tensors. Swapped parameters, hooks and train/eval flags live on the view, so other threads
+using the model at the same time see nothing. The updated values are written into the gradient
+buffers, so no second copy of the weights exists either.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import fnmatch
+import functools
+import types
 import warnings
+import weakref
 from dataclasses import dataclass
-from typing import Callable, Iterator, Mapping
+from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
+from torch.func import functional_call, grad, vmap
 
 from .config import FocusConfig
 
@@ -24,9 +31,14 @@ FINAL_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "norm
 
 
 # ----------------------------------------------------------------------------- gate and focus set
+def widen(t: Tensor) -> Tensor:
+    """float16/bfloat16 as float32; float32 and float64 as they are (the reference runs in float64)."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def top2_gap(logits: Tensor) -> Tensor:
     """p(top1) - p(top2) of softmax(logits) along the last dimension."""
-    top2 = torch.softmax(logits.float(), dim=-1).topk(2, dim=-1).values
+    top2 = torch.softmax(widen(logits), dim=-1).topk(2, dim=-1).values
     return top2[..., 0] - top2[..., 1]
 
 
@@ -47,12 +59,65 @@ def focus_classes(logits: Tensor, n_focus: int) -> Tensor:
 
 def focus_loss(logits: Tensor, focus: Tensor, mode: str) -> Tensor:
     """Per-input loss on RAW logits: iFo = -mean(focus logits); doFo = +mean(other logits)."""
-    logits = logits.float()
+    logits = widen(logits)
     if mode == "ifo":
         return -logits.gather(-1, focus).mean(-1)
     in_focus = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, focus, True)  # out of place: vmap has a rule
     n_other = logits.shape[-1] - focus.shape[-1]
     return logits.masked_fill(in_focus, 0.0).sum(-1) / n_other
+
+
+# ----------------------------------------------------------------------------- a private module tree
+_VIEWS: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+_COPIED = (dict, set, collections.OrderedDict)
+
+
+def module_view(model: nn.Module, *, eval_mode: bool = True) -> nn.Module:
+    """A private copy of ``model``'s module tree that shares (never copies) its parameters and buffers.
+
+    Each module is a new object with its own ``_parameters``/``_buffers``/``_modules``/hook dicts and
+    ``training`` flag, holding the very same tensors; everything else (config, code) is shared. So
+    ``functional_call``, hooks and ``eval()`` on the view never reach ``model``, and a view costs a few
+    milliseconds and no tensor memory. ``eval_mode``: the view runs with dropout off and BatchNorm
+    reading (never updating) its running statistics, as the method's step requires.
+    """
+    memo: dict[int, nn.Module] = {}
+
+    def clone(module: nn.Module) -> nn.Module:
+        if id(module) in memo:  # a submodule registered twice stays one module
+            return memo[id(module)]
+        new = object.__new__(type(module))
+        memo[id(module)] = new
+        state = dict(module.__dict__)
+        for key, value in state.items():
+            if key.startswith("_") and type(value) in _COPIED:  # parameter/buffer/module/hook registries
+                state[key] = type(value)(value)
+            else:
+                state[key] = _rebind(value, module, new)
+        state["_modules"] = {k: None if c is None else clone(c) for k, c in module._modules.items()}
+        new.__dict__.update(state)
+        return new
+
+    view = clone(model)
+    if eval_mode:
+        view.eval()
+    _VIEWS.add(view)
+    return view
+
+
+def _rebind(value, old: nn.Module, new: nn.Module):
+    """Instance-level methods bound to the original module (accelerate's hooked ``forward``) bound to the copy."""
+    if isinstance(value, types.MethodType) and value.__self__ is old:
+        return types.MethodType(value.__func__, new)
+    if isinstance(value, functools.partial) and value.args and value.args[0] is old:
+        rebound = functools.partial(value.func, new, *value.args[1:], **value.keywords)
+        return functools.update_wrapper(rebound, value, assigned=(), updated=("__dict__",))
+    return value
+
+
+def is_view(module: nn.Module) -> bool:
+    """Whether ``module`` was made by :func:`module_view` (safe to swap parameters on)."""
+    return module in _VIEWS
 
 
 # ----------------------------------------------------------------------------- parameter selection
@@ -124,29 +189,44 @@ def as_normal_tensor(t: Tensor) -> Tensor:
     return t
 
 
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Run with every module in eval mode (BatchNorm frozen, dropout off); restore flags after."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, was_training in flags:
-            m.training = was_training
+def step_size(config: FocusConfig, grads: Sequence[Tensor | None], batched: bool = False) -> float | Tensor:
+    """The step's eta: ``config.lr`` (fixed rule) or ``tau / ||g||^2`` over the selected parameters (normalized).
+
+    ``grads`` holds each selected tensor's gradient once (tied weights once, as SGD sees them);
+    ``batched``: dimension 0 indexes inputs, and eta is a tensor with one value per input. A zero
+    gradient gives eta = 0 (nothing to follow).
+    """
+    if config.step_rule == "fixed":
+        return config.lr
+    grads = [g for g in grads if g is not None]
+    if batched:
+        sq = sum(widen(g).pow(2).flatten(1).sum(1) for g in grads)
+    else:
+        sq = sum(widen(g).pow(2).sum() for g in grads)
+    if not isinstance(sq, Tensor):  # no parameter received a gradient
+        return 0.0
+    eta = torch.where(sq > 0, config.tau / sq, torch.zeros_like(sq))
+    return eta if batched else float(eta)
 
 
-def sgd_update_(param: Tensor, grad: Tensor, lr: float) -> Tensor:
-    """theta - lr * g written into ``grad``'s buffer (no new memory); low precision computed in fp32."""
+def _per_row(lr: float | Tensor, like: Tensor) -> float | Tensor:
+    """A per-input eta [B] shaped to broadcast over a per-input gradient [B, ...]."""
+    return lr.reshape(-1, *[1] * (like.dim() - 1)) if isinstance(lr, Tensor) else lr
+
+
+def sgd_update_(param: Tensor, grad: Tensor, lr: float | Tensor) -> Tensor:
+    """theta - lr * g written into ``grad``'s buffer (no new memory); low precision computed in fp32, rounded once."""
+    lr = _per_row(lr, grad)
     if param.dtype in (torch.float16, torch.bfloat16):
-        return grad.copy_(param.float().sub_(grad.float(), alpha=lr))
+        return grad.copy_(param.float() - grad.float() * lr)
     return grad.mul_(-lr).add_(param)
 
 
-def sgd_update(param: Tensor, grad: Tensor, lr: float) -> Tensor:
+def sgd_update(param: Tensor, grad: Tensor, lr: float | Tensor) -> Tensor:
     """Out-of-place ``sgd_update_`` (same formula, vmap-safe; ``param`` broadcasts over per-sample ``grad``)."""
+    lr = _per_row(lr, grad)
     if param.dtype in (torch.float16, torch.bfloat16):
-        return param.float().sub(grad.float(), alpha=lr).to(param.dtype)
+        return (param.float() - grad.float() * lr).to(param.dtype)
     return grad.mul(-lr).add(param)
 
 
@@ -154,18 +234,36 @@ _warned_no_change = False
 
 
 def sgd_steps(loss_fn: Callable[[Mapping[str, Tensor]], Tensor], trainable: Mapping[str, Tensor],
-              frozen: Mapping[str, Tensor], lr: float, steps: int = 1) -> dict[str, Tensor]:
-    """Parameter values after ``steps`` plain SGD steps on ``loss_fn`` (no momentum, no decay)."""
+              frozen: Mapping[str, Tensor], config: FocusConfig) -> dict[str, Tensor]:
+    """Parameter values after ``config.steps`` plain SGD steps on ``loss_fn`` (no momentum, no decay)."""
     current = dict(trainable)
     with grad_enabled():
-        for _ in range(steps):
+        for _ in range(config.steps):
             leaves = {n: p.detach().requires_grad_(True) for n, p in current.items()}
             loss = loss_fn({**frozen, **leaves})
             grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
             del loss
+            lr = step_size(config, grads)
             current = {n: p.detach() if g is None else sgd_update_(p.detach(), g, lr)
                        for (n, p), g in zip(current.items(), grads)}
     _warn_if_unchanged(trainable, current)
+    return current
+
+
+def batched_sgd_steps(loss_fn: Callable, trainable: Mapping[str, Tensor], config: FocusConfig,
+                      *inputs: Tensor) -> dict[str, Tensor]:
+    """``sgd_steps`` for many inputs at once, each with its own parameters (``torch.func.vmap``).
+
+    ``loss_fn(values, *row_inputs)`` is the scalar loss of one input; ``inputs`` are batched on
+    dimension 0. Returns per-input parameter values ``[B, ...]``.
+    """
+    current, dims = {n: p.detach() for n, p in trainable.items()}, None  # shared until the first step
+    with grad_enabled():
+        for _ in range(config.steps):
+            grads = vmap(grad(loss_fn), in_dims=(dims, *[0] * len(inputs)))(current, *inputs)
+            lr = step_size(config, list(grads.values()), batched=True)
+            current = {n: sgd_update(p, grads[n], lr) for n, p in current.items()}
+            dims = 0  # per-input parameter values from here on
     return current
 
 
@@ -174,7 +272,7 @@ def refine(forward: Forward, trainable: Mapping[str, Tensor], frozen: Mapping[st
     """``config.steps`` SGD steps on ``trainable`` for the focus loss; return the refined logits."""
     focus = as_normal_tensor(focus)  # gather saves the index for backward
     loss_fn = lambda values: focus_loss(forward(values), focus, config.mode).sum()  # noqa: E731
-    updated = sgd_steps(loss_fn, trainable, frozen, config.lr, config.steps)
+    updated = sgd_steps(loss_fn, trainable, frozen, config)
     with torch.no_grad():
         return forward({**frozen, **updated})
 
@@ -189,8 +287,8 @@ def _warn_if_unchanged(before: Mapping[str, Tensor], after: Mapping[str, Tensor]
     _warned_no_change = True
     dtypes = sorted({str(p.dtype) for p in before.values()})
     warnings.warn(
-        f"focus step changed no parameter: lr * grad is below the resolution of {dtypes}; "
-        "raise FocusConfig.lr or run the model in float32 (warned once)", RuntimeWarning, stacklevel=3)
+        f"focus step changed no parameter: the step is below the resolution of {dtypes} (or the gradient is zero); "
+        "raise FocusConfig.lr / tau or run the model in float32 (warned once)", RuntimeWarning, stacklevel=3)
 
 
 @dataclass
@@ -204,20 +302,31 @@ class StepResult:
     changed: bool  # the emitted argmax differs from the original argmax
 
 
+def step_result(original: Tensor, new: Tensor) -> StepResult:
+    """The outcome of a refinement of an uncertain input: ``new`` logits, or ``original`` if they overflowed."""
+    if not bool(torch.isfinite(new).all()):
+        return StepResult(original, True, False, True, False)
+    new = new.reshape(original.shape).to(original.dtype)
+    return StepResult(new, True, True, False, bool(new.argmax() != original.argmax()))
+
+
 def focus_step(forward: Forward, logits: Tensor, trainable: Mapping[str, Tensor],
                frozen: Mapping[str, Tensor], config: FocusConfig) -> StepResult:
     """Algorithm 1 for one input whose unrefined logits are ``logits`` (shape ``[C]``)."""
     if not bool(is_uncertain(logits, config.threshold)):
         return StepResult(logits, False, False, False, False)
     focus = focus_classes(logits, config.n_focus)
-    new = refine(forward, trainable, frozen, focus, config).reshape(logits.shape).to(logits.dtype)
-    if not bool(torch.isfinite(new).all()):
-        return StepResult(logits, True, False, True, False)
-    return StepResult(new, True, True, False, bool(new.argmax() != logits.argmax()))
+    return step_result(logits, refine(forward, trainable, frozen, focus, config))
 
 
 def model_forward(model: nn.Module, *args, select: Callable[[object], Tensor] = lambda out: out, **kwargs) -> Forward:
-    """A ``Forward`` that calls ``model`` with substituted parameters and picks the logits."""
+    """A ``Forward`` that calls ``model`` with substituted parameters and picks the logits.
+
+    The call runs on ``model`` itself when it is a :func:`module_view`, else on a new view (eval mode)
+    made here: adapters that build many forwards make one view and pass it.
+    """
+    view = model if is_view(model) else module_view(model)
+
     def forward(values: Mapping[str, Tensor]) -> Tensor:
-        return select(functional_call(model, dict(values), args, kwargs, tie_weights=True, strict=False))
+        return select(functional_call(view, dict(values), args, kwargs, tie_weights=True, strict=False))
     return forward

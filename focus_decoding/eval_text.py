@@ -25,7 +25,7 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call, vmap
 
 from . import core, prefix
 from .config import FocusConfig
@@ -94,36 +94,36 @@ def evaluate_next_token(model: nn.Module, tokenizer, texts: Sequence[str], confi
     bar = _bar(windows, progress, name)
     # Refinements dominate the time: with a budget, a second bar counts them (ETA per refinement).
     refined_bar = _NoBar() if not progress or max_uncertain is None else _refinement_bar(max_uncertain)
-    with core.eval_mode(model):
-        for w, (s, lo, hi) in bar:
-            ids = stream[s:hi - 1][None]
-            with torch.no_grad():
-                out = model(ids, use_cache=False, output_hidden_states=n_top is not None)
-                logits = out.logits[0].float()
-            kept = None if n_top is None else (n_top, prefix.window_states(out, model, n_top))
-            del out
-            first = lo - 1 - s  # local position predicting label index lo
-            scored = logits[first:]
-            labels = stream[lo:hi]
-            uncertain = core.is_uncertain(scored, config.threshold)
-            n = _cut(labels.numel(), uncertain, report, max_uncertain, max_tokens)
-            report.add_predictions(scored[:n], labels[:n])
-            positions = (first + torch.nonzero(uncertain[:n]).flatten()).tolist()
-            r0 = time.perf_counter()
-            base, focus, nonfinite = _refine_window(model, ids, logits, positions, trainable, frozen, config,
-                                                    batch_positions, kept, tick=refined_bar.update)
-            refine_s += time.perf_counter() - r0
-            report.nonfinite += nonfinite
-            report.add_outcomes(stream[s + 1 + torch.tensor(positions, dtype=torch.long)].cpu(), base, focus)
-            report.seconds = time.perf_counter() - t0
-            report.meta.update(last_window=w, windows_done=report.meta.get("windows_done", 0) + 1)
-            _finish_meta(report, refine_s)
-            if hasattr(bar, "set_postfix"):
-                bar.set_postfix(uncertain=report.n_uncertain, delta_corr=report.delta_corr)
-            if on_window is not None:
-                on_window(w, report)
-            if n < labels.numel() or _limit_hit(report, max_uncertain, max_tokens):
-                break
+    view = core.module_view(model)  # eval mode, private: other threads may use the model meanwhile
+    for w, (s, lo, hi) in bar:
+        ids = stream[s:hi - 1][None]
+        with torch.no_grad():
+            out = view(ids, use_cache=False, output_hidden_states=n_top is not None)
+            logits = core.widen(out.logits[0])
+        kept = None if n_top is None else (n_top, prefix.window_states(out, model, n_top))
+        del out
+        first = lo - 1 - s  # local position predicting label index lo
+        scored = logits[first:]
+        labels = stream[lo:hi]
+        uncertain = core.is_uncertain(scored, config.threshold)
+        n = _cut(labels.numel(), uncertain, report, max_uncertain, max_tokens)
+        report.add_predictions(scored[:n], labels[:n])
+        positions = (first + torch.nonzero(uncertain[:n]).flatten()).tolist()
+        r0 = time.perf_counter()
+        base, focus, nonfinite = _refine_window(view, ids, logits, positions, trainable, frozen, config,
+                                                batch_positions, kept, tick=refined_bar.update)
+        refine_s += time.perf_counter() - r0
+        report.nonfinite += nonfinite
+        report.add_outcomes(stream[s + 1 + torch.tensor(positions, dtype=torch.long)].cpu(), base, focus)
+        report.seconds = time.perf_counter() - t0
+        report.meta.update(last_window=w, windows_done=report.meta.get("windows_done", 0) + 1)
+        _finish_meta(report, refine_s)
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix(uncertain=report.n_uncertain, delta_corr=report.delta_corr)
+        if on_window is not None:
+            on_window(w, report)
+        if n < labels.numel() or _limit_hit(report, max_uncertain, max_tokens):
+            break
     refined_bar.close()
     report.seconds = time.perf_counter() - t0
     _finish_meta(report, refine_s)
@@ -172,35 +172,23 @@ def refine_positions_batched(model, ids: Tensor, logits: Tensor, positions: Sequ
     position its own gradient and its own updated parameters. Works with eager and sdpa attention;
     under vmap, PyTorch runs sdpa through a slower per-sample loop, so eager is preferable here.
     """
+    view = model if core.is_view(model) else core.module_view(model)
     ctx = ids[:, :max(positions) + 1]
     rows = torch.zeros(len(positions), ctx.shape[1], device=ids.device)
     rows[torch.arange(len(positions)), torch.tensor(positions)] = 1.0
     focus = core.focus_classes(logits[list(positions)], config.n_focus)
 
     def row_logits(values: Mapping[str, Tensor], row: Tensor) -> Tensor:
-        out = functional_call(model, {**frozen, **values}, (ctx,), {"use_cache": False}, tie_weights=True, strict=False)
-        return (out.logits[0].float() * row[:, None]).sum(0)  # one-hot select: vmap-safe
+        out = functional_call(view, {**frozen, **values}, (ctx,), {"use_cache": False}, tie_weights=True, strict=False)
+        return (core.widen(out.logits[0]) * row[:, None]).sum(0)  # one-hot select: vmap-safe
 
     def loss(values, row, foc):
         return core.focus_loss(row_logits(values, row), foc, config.mode)
 
-    current, batched = {n: p.detach() for n, p in trainable.items()}, None
-    with core.grad_enabled():
-        for _ in range(config.steps):
-            grads = vmap(grad(loss), in_dims=(batched, 0, 0))(current, rows, focus)
-            current = {n: core.sgd_update_(p.expand_as(grads[n]), grads[n], config.lr) for n, p in current.items()}
-            batched = 0  # from the second step on, each position has its own parameters
+    current = core.batched_sgd_steps(loss, trainable, config, rows, focus)
     with torch.no_grad():
         new = vmap(row_logits, in_dims=(0, 0))(current, rows)
-    results = []
-    for i, t in enumerate(positions):
-        old = logits[t]
-        if not bool(torch.isfinite(new[i]).all()):
-            results.append(core.StepResult(old, True, False, True, False))
-        else:
-            results.append(core.StepResult(new[i].to(old.dtype), True, True, False,
-                                           bool(new[i].argmax() != old.argmax())))
-    return results
+    return [core.step_result(logits[t], new[i]) for i, t in enumerate(positions)]
 
 
 # ----------------------------------------------------------------------------- helpers

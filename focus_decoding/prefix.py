@@ -152,29 +152,24 @@ class _Captured(Exception):
     pass
 
 
-_capturing = 0
-
-
-def _block_inputs(model: nn.Module, hidden: Tensor, attention_mask: Tensor | None) -> tuple[tuple, dict]:
+def _block_inputs(view: nn.Module, hidden: Tensor, attention_mask: Tensor | None) -> tuple[tuple, dict]:
     """The extra args/kwargs (causal mask, rotary embeddings, ...) the model feeds its blocks for
-    an uncached input of ``hidden``'s length, taken from the model's own forward and stopped at block 0."""
-    _, blocks = core.find_blocks(model)
+    an uncached input of ``hidden``'s length, taken from the model's own forward and stopped at block 0.
+    The hook goes on ``view`` (a private module tree), never on the user's model."""
+    _, blocks = core.find_blocks(view)
 
     def grab(module, args, kwargs):
         raise _Captured(args, kwargs)
 
-    global _capturing
     handle = blocks[0].register_forward_pre_hook(grab, with_kwargs=True, prepend=True)
-    _capturing += 1  # a HiddenRecorder on block 0 must not record this partial forward
     try:  # outside inference mode: the step saves the mask and rotary tensors for backward
         with torch.inference_mode(False), torch.no_grad():
-            model(inputs_embeds=hidden.detach(), attention_mask=attention_mask, use_cache=False)
+            view(inputs_embeds=hidden.detach(), attention_mask=attention_mask, use_cache=False)
     except _Captured as stop:
         args, kwargs = stop.args
     else:
-        raise RuntimeError(f"{type(model).__name__} never called its first block")
+        raise RuntimeError(f"{type(view).__name__} never called its first block")
     finally:
-        _capturing -= 1
         handle.remove()
     kwargs = dict(kwargs)
     kwargs.pop("hidden_states", None)
@@ -192,12 +187,13 @@ def top_forward(model: nn.Module, n: int, hidden: Tensor, attention_mask: Tensor
         raise ValueError(f"hidden must have shape [1, T, H], got {tuple(hidden.shape)}")
     if attention_mask is not None and (attention_mask.shape != hidden.shape[:2] or not bool(attention_mask.all())):
         raise ValueError("attention_mask must be None or all ones of shape [1, T] (the context is unpadded)")
-    mods = list(_top_modules(model, n).values())
+    view = model if core.is_view(model) else core.module_view(model)  # swaps happen on the view's modules
+    mods = list(_top_modules(view, n).values())
     top = _Top(mods[:-2], mods[-2], mods[-1])
-    canonical = {id(p): name for name, p in model.named_parameters()}
+    canonical = {id(p): name for name, p in view.named_parameters()}
     rename = {local: canonical[id(p)] for local, p in top.named_parameters()}
     hidden = core.as_normal_tensor(hidden.detach())
-    args, kwargs = _block_inputs(model, hidden, attention_mask)
+    args, kwargs = _block_inputs(view, hidden, attention_mask)
 
     def forward(values: Mapping[str, Tensor]) -> Tensor:
         local = {k: values[c] for k, c in rename.items() if c in values}
@@ -208,6 +204,7 @@ def top_forward(model: nn.Module, n: int, hidden: Tensor, attention_mask: Tensor
 # ----------------------------------------------------------------------------- where the states come from
 def input_states(model: nn.Module, n: int, input_ids: Tensor, **kwargs) -> Tensor:
     """States entering block L-n for ``input_ids`` (a plain no-grad forward; a reference and test helper)."""
+    model = core.module_view(model, eval_mode=False)  # the hook goes on a private copy of the module tree
     _, blocks = core.find_blocks(model)
     seen = []
     handle = blocks[len(blocks) - n].register_forward_pre_hook(
@@ -271,9 +268,8 @@ class HiddenRecorder:
         self._handles = []
 
     def _arm(self, module, args, kwargs) -> None:
-        # Only generate's cached forwards are recorded; the uncached refinement forwards
-        # (use_cache=False) that run in between must not be.
-        self._armed = bool(kwargs.get("use_cache")) and not _capturing
+        # Only generate's cached forwards are recorded; uncached forwards (use_cache=False) must not be.
+        self._armed = bool(kwargs.get("use_cache"))
 
     def _disarm(self, module, args, output) -> None:
         self._armed = False

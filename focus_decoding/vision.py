@@ -1,7 +1,8 @@
 """Image classifiers: `FocusClassifier` (per-sample focus steps, batched with torch.func) and helpers.
 
 The step runs in eval mode (BatchNorm reads its running statistics and never updates them, dropout
-is off) and purely functionally, so the wrapped model is never modified. Uncertain rows are
+is off) and purely functionally, on a private view of the model's module tree (``core.module_view``),
+so the wrapped model is never modified, not even while a call runs: other threads may use it. Uncertain rows are
 refined in chunks of ``max_batch``: ``vmap`` over the per-sample ``grad`` of ``core.focus_loss``,
 a per-sample SGD update (``core.sgd_update``) and a vmapped forward with per-sample parameters.
 A chunk holds ``max_batch`` copies of the updated parameters and of their gradients plus the
@@ -12,6 +13,7 @@ one warning, to a per-row loop over ``core.focus_step``; both paths give the sam
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,7 +21,7 @@ from typing import Any, Mapping
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call, vmap
 
 from . import core
 from .config import FocusConfig
@@ -47,6 +49,7 @@ class ClassifierStats:
     refined: int = 0  # gated rows whose finite refined logits were emitted
     changed: int = 0  # refined rows whose argmax changed
     nonfinite: int = 0  # gated rows whose refinement overflowed (original logits kept)
+    nonfinite_inputs: int = 0  # images holding NaN/inf (never refined; warned once per classifier)
     vectorized: bool = True  # the vmap path ran (False: per-row loop)
 
     def to_dict(self) -> dict[str, Any]:
@@ -93,7 +96,13 @@ class FocusClassifier:
         self.max_batch = max_batch
         self.method = method
         self.vectorized = method != "loop"  # becomes False for good after one failed vmap under "auto"
-        self.stats = ClassifierStats()
+        self._local = threading.local()  # stats per thread: one classifier may serve several threads
+        self._warned_nonfinite = False
+
+    @property
+    def stats(self) -> ClassifierStats:
+        """What this thread's last call did."""
+        return getattr(self._local, "stats", None) or ClassifierStats()
 
     def __call__(self, images: Tensor) -> Tensor:
         """Logits [B, C]: refined for rows under the threshold, unchanged for the others."""
@@ -105,36 +114,42 @@ class FocusClassifier:
             raise ValueError(f"images must be a tensor [batch, ...], got {type(images).__name__}")
         images = core.as_normal_tensor(images)
         cfg = self.config
-        with core.eval_mode(self.model):
-            with torch.no_grad():
-                base = logits_of(self.model(images))
-            if base.shape[0] != images.shape[0]:
-                raise ValueError(f"the model returned {base.shape[0]} rows of logits for {images.shape[0]} images")
-            gate = core.is_uncertain(base, cfg.threshold)
-            out = base.clone()
-            rows = gate.nonzero().flatten()
-            stats = ClassifierStats(total=base.shape[0], gated=int(rows.numel()))
-            if rows.numel():
-                focus = core.focus_classes(base[rows], cfg.n_focus)  # validates n_focus vs classes
-                trainable, frozen = core.split_parameters(self.model, cfg.params)
-                for start in range(0, rows.numel(), self.max_batch):
-                    idx = rows[start:start + self.max_batch]
-                    new = self._refine_chunk(images[idx], base[idx], focus[start:start + self.max_batch],
-                                             trainable, frozen)
-                    ok = torch.isfinite(new).all(-1)
-                    out[idx[ok]] = new[ok].to(out.dtype)
-                    stats.nonfinite += int((~ok).sum())
-            stats.refined = stats.gated - stats.nonfinite
-            stats.changed = int((out.argmax(-1) != base.argmax(-1)).sum())
-            stats.vectorized = self.vectorized and (self.method == "vmap" or _vmap_pays_off(images.device))
-        self.stats = stats
+        view = core.module_view(self.model)  # eval mode, private: the caller's model is never touched
+        with torch.no_grad():
+            base = logits_of(view(images))
+        if base.shape[0] != images.shape[0]:
+            raise ValueError(f"the model returned {base.shape[0]} rows of logits for {images.shape[0]} images")
+        bad_inputs = int((~torch.isfinite(images.reshape(images.shape[0], -1))).any(-1).sum()) if images.is_floating_point() else 0
+        if bad_inputs and not self._warned_nonfinite:
+            self._warned_nonfinite = True
+            warnings.warn(f"FocusClassifier: {bad_inputs} image(s) hold NaN or inf values; their logits are not "
+                          "refined and may be NaN (counted in stats.nonfinite_inputs; warned once)",
+                          RuntimeWarning, stacklevel=3)
+        gate = core.is_uncertain(base, cfg.threshold) & torch.isfinite(base).all(-1)
+        out = base.clone()
+        rows = gate.nonzero().flatten()
+        stats = ClassifierStats(total=base.shape[0], gated=int(rows.numel()), nonfinite_inputs=bad_inputs)
+        if rows.numel():
+            focus = core.focus_classes(base[rows], cfg.n_focus)  # validates n_focus vs classes
+            trainable, frozen = core.split_parameters(view, cfg.params)
+            for start in range(0, rows.numel(), self.max_batch):
+                idx = rows[start:start + self.max_batch]
+                new = self._refine_chunk(view, images[idx], base[idx], focus[start:start + self.max_batch],
+                                         trainable, frozen)
+                ok = torch.isfinite(new).all(-1)
+                out[idx[ok]] = new[ok].to(out.dtype)
+                stats.nonfinite += int((~ok).sum())
+        stats.refined = stats.gated - stats.nonfinite
+        stats.changed = int((out.argmax(-1) != base.argmax(-1)).sum())
+        stats.vectorized = self.vectorized and (self.method == "vmap" or _vmap_pays_off(images.device))
+        self._local.stats = stats
         return base, out, gate
 
     # ------------------------------------------------------------------ the two paths
-    def _refine_chunk(self, x: Tensor, base: Tensor, focus: Tensor, trainable, frozen) -> Tensor:
+    def _refine_chunk(self, view: nn.Module, x: Tensor, base: Tensor, focus: Tensor, trainable, frozen) -> Tensor:
         if self.vectorized and (self.method == "vmap" or _vmap_pays_off(x.device)):
             try:
-                return self._refine_vmap(x, focus, trainable, frozen)
+                return self._refine_vmap(view, x, focus, trainable, frozen)
             except Exception as err:  # noqa: BLE001 - any vmap limitation; a real bug re-raises in the loop
                 if self.method == "vmap":
                     raise
@@ -142,34 +157,28 @@ class FocusClassifier:
                 warnings.warn(f"FocusClassifier: torch.func.vmap cannot run {type(self.model).__name__} "
                               f"({type(err).__name__}: {str(err)[:200]}); using a per-sample loop from now on",
                               RuntimeWarning, stacklevel=4)
-        return self._refine_loop(x, base, trainable, frozen)
+        return self._refine_loop(view, x, base, trainable, frozen)
 
-    def _refine_loop(self, x: Tensor, base: Tensor, trainable, frozen) -> Tensor:
+    def _refine_loop(self, view: nn.Module, x: Tensor, base: Tensor, trainable, frozen) -> Tensor:
         rows = []
         for i in range(x.shape[0]):
             image = core.as_normal_tensor(x[i:i + 1])  # slicing inside inference_mode makes an inference tensor
-            forward = core.model_forward(self.model, image, select=lambda out: logits_of(out)[0])
+            forward = core.model_forward(view, image, select=lambda out: logits_of(out)[0])
             step = core.focus_step(forward, base[i], trainable, frozen, self.config)
             rows.append(torch.full_like(base[i], float("nan")) if step.nonfinite else step.logits)  # nan: overflowed
         return torch.stack(rows)
 
-    def _refine_vmap(self, x: Tensor, focus: Tensor, trainable, frozen) -> Tensor:
-        cfg, model = self.config, self.model
-        frozen = dict(frozen)
+    def _refine_vmap(self, view: nn.Module, x: Tensor, focus: Tensor, trainable, frozen) -> Tensor:
+        cfg, frozen = self.config, dict(frozen)
 
         def one(params, xi):  # logits [C] of one image under its own parameter values
-            out = functional_call(model, {**frozen, **params}, (xi.unsqueeze(0),), strict=False, tie_weights=True)
+            out = functional_call(view, {**frozen, **params}, (xi.unsqueeze(0),), strict=False, tie_weights=True)
             return logits_of(out)[0]
 
         def loss(params, xi, fi):
             return core.focus_loss(one(params, xi), fi, cfg.mode)
 
-        params, dims = {n: p.detach() for n, p in trainable.items()}, None  # shared before the first step
-        with core.grad_enabled():
-            for _ in range(cfg.steps):
-                grads = vmap(grad(loss), in_dims=(dims, 0, 0))(params, x, focus)
-                params = {n: core.sgd_update(p, grads[n], cfg.lr) for n, p in params.items()}
-                dims = 0  # per-sample parameter values from here on
+        params = core.batched_sgd_steps(loss, trainable, cfg, x, focus)
         with torch.no_grad():
             return vmap(one, in_dims=(0, 0))(params, x)
 

@@ -189,5 +189,5 @@ def test_default_model_generate_uses_its_preset(default_model, monkeypatch, tmp_
     assert cli.main(["generate", "The capital of France is", "--max-new-tokens", "4", "--no-progress",
                      "--out", str(tmp_path)]) == 0
     record = json.loads((tmp_path / "generate.json").read_text())
-    assert record["config"]["lr"] == PRESETS["smollm2-135m"]["ifo"] and len(record["focus_ids"]) == 4
+    assert record["config"]["lr"] == PRESETS["smollm2-135m"]["ifo"]["lr"] and len(record["focus_ids"]) == 4
     assert record["stats"]["totals"]["checked"] == 4 and "plain:" in capsys.readouterr().out

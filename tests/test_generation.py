@@ -9,7 +9,8 @@ import torch
 from transformers import GenerationConfig, LogitsProcessorList
 
 from focus_decoding import FocusConfig, core
-from focus_decoding.generation import FocusLogitsProcessor, FocusStats, disable, enable, is_enabled
+from focus_decoding.decoding import disable, enable, is_enabled, last_focus_stats
+from focus_decoding.generation import FocusLogitsProcessor, FocusStats
 from reference import naive_refine
 
 PROMPT = [1, 5, 7, 9, 11]

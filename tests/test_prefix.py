@@ -319,7 +319,7 @@ DECODING = {"greedy": dict(do_sample=False),
 @pytest.mark.parametrize("decoding", list(DECODING))
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_generate_cached_equals_uncached(arch, decoding, mode, monkeypatch, assert_untouched):
-    from focus_decoding.generation import enable
+    from focus_decoding.decoding import enable
 
     model = enable(tiny_causal_lm(arch, layers=4))
     check = assert_untouched(model)
@@ -348,7 +348,7 @@ def test_generate_cached_equals_uncached(arch, decoding, mode, monkeypatch, asse
 
 
 def test_generate_without_kv_cache_falls_back_to_uncached(monkeypatch):
-    from focus_decoding.generation import enable
+    from focus_decoding.decoding import enable
 
     model = enable(tiny_causal_lm("llama"))
     config = FocusConfig(lr=0.05, threshold=1.0, params="last:1")
@@ -363,7 +363,7 @@ def test_generate_without_kv_cache_falls_back_to_uncached(monkeypatch):
 
 
 def test_generate_tied_head_selector_uses_uncached_path_with_one_warning(monkeypatch):
-    from focus_decoding.generation import enable
+    from focus_decoding.decoding import enable
 
     model = enable(tiny_causal_lm("llama", tied=True))
     cached = _spy(monkeypatch, "top_forward")
