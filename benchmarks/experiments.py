@@ -3,6 +3,11 @@
     python benchmarks/experiments.py all --out runs/exp                # embedded SmolLM2 + bundled sample
     python benchmarks/experiments.py lr --dataset openwebtext --max-uncertain 2000 --out runs/owt
     python benchmarks/experiments.py combination --model tiny-llama --max-uncertain 8
+    python benchmarks/experiments.py lr --scale paper --dataset ~/.cache/focus_decoding/assets/wiki.jsonl \
+        --params last:2 --lrs 1e-4,1e-3,1e-2 --taus 0.3,1,3,10 --modes ifo   # >= 10,000 uncertain per point
+
+3 lr also takes --taus (the normalized step rule, same positions); --scale paper sets >= 10,000 uncertain
+tokens per point (topk/threshold scan 200,000 tokens); the quick defaults stay small.
 
 1 topk: top-k accuracy of the unmodified model on the uncertain subset vs k (thresholds 0.01, 0.1, 1.0).
 2 threshold: Δ_Corr and |D_te,1,2| vs threshold (one refinement per position, shared by all thresholds).
@@ -29,6 +34,10 @@ from focus_decoding.config import FocusConfig
 from focus_decoding.report import FocusReport
 
 EXPERIMENTS = ("topk", "threshold", "lr", "steps", "combination")
+# Default budgets. "paper": the method's experiments used 70k-270k uncertain tokens; >= 10,000 per point is
+# the least that separates gains of +0.5 to +2.5 points from chance (McNemar, p < 0.05).
+SCALES = {"quick": {"max_uncertain": None, "max_tokens": None},
+          "paper": {"max_uncertain": 10_000, "max_tokens": 200_000}}
 
 
 # ----------------------------------------------------------------------------- shared pieces
@@ -139,9 +148,10 @@ def exp_threshold(model, tokenizer, texts, config: FocusConfig, *, thresholds=(0
 
 # ----------------------------------------------------------------------------- 3 learning rate (+ params rows)
 def exp_lr(model, tokenizer, texts, config: FocusConfig, *, lrs=(1e-7, 1e-6, 1e-5, 1e-4, 1e-3), modes=("ifo", "dofo"),
-           blocks=(1, 2, 4, 8), context_length=128, max_uncertain=8, max_tokens=None, out_dir=None, progress=True,
-           settings=None) -> dict:
-    """Δ_Corr vs lr per mode; then, at ``config.lr``, one row per params selector with time per refinement."""
+           blocks=(1, 2, 4, 8), taus=(), context_length=128, max_uncertain=8, max_tokens=None, out_dir=None,
+           progress=True, settings=None) -> dict:
+    """Δ_Corr vs lr per mode (and vs tau of the normalized rule, when ``taus`` are given, on the same
+    positions); then, at ``config``'s step, one row per params selector with time per refinement."""
     def run(cfg: FocusConfig, name: str) -> FocusReport:
         return eval_text.evaluate_next_token(model, tokenizer, texts, cfg, context_length=context_length,
                                              max_uncertain=max_uncertain, max_tokens=max_tokens, progress=False,
@@ -151,8 +161,13 @@ def exp_lr(model, tokenizer, texts, config: FocusConfig, *, lrs=(1e-7, 1e-6, 1e-
     sweep: dict[str, list[dict]] = {m: [] for m in modes}
     reports = []
     for mode, lr in tqdm(grid, desc="lr sweep", unit="run", disable=not progress):
-        rep = run(dataclasses.replace(config, mode=mode, lr=lr), f"{mode} lr={lr:g}")
+        rep = run(dataclasses.replace(config, mode=mode, step_rule="fixed", lr=lr, tau=None), f"{mode} lr={lr:g}")
         sweep[mode].append({"lr": lr, **_row(rep)})
+        reports.append(rep)
+    tau_sweep: dict[str, list[dict]] = {m: [] for m in modes} if taus else {}
+    for mode, tau in tqdm([(m, t) for m in modes for t in taus], desc="tau sweep", unit="run", disable=not progress):
+        rep = run(dataclasses.replace(config, mode=mode, step_rule="normalized", lr=None, tau=tau), f"{mode} tau={tau:g}")
+        tau_sweep[mode].append({"tau": tau, **_row(rep)})
         reports.append(rep)
     n_blocks = len(core.find_blocks(model)[1])
     selectors = [f"last:{n}" for n in blocks if n <= n_blocks] + ["all"]
@@ -160,12 +175,13 @@ def exp_lr(model, tokenizer, texts, config: FocusConfig, *, lrs=(1e-7, 1e-6, 1e-
     for sel in tqdm(selectors, desc="params rows", unit="run", disable=not progress):
         rep = run(dataclasses.replace(config, params=sel), f"params={sel}")
         reports.append(rep)
-        params_rows.append({"params": sel, "lr": config.lr, "mode": config.mode, **_row(rep),
+        params_rows.append({"params": sel, "lr": config.lr, "step": config.step_size_label, "mode": config.mode, **_row(rep),
                             "seconds_per_refinement": rep.meta["refine_seconds"] / max(rep.n_uncertain, 1)})
     payload = {**_header("lr", config, {**(settings or {}), "context_length": context_length, "lrs": list(lrs),
-                                        "modes": list(modes), "max_uncertain": max_uncertain, "max_tokens": max_tokens},
-                         _device(model)),
-               "sweep": sweep, "params_rows": params_rows, "params_table": params_table(params_rows),
+                                        "taus": list(taus), "modes": list(modes), "max_uncertain": max_uncertain,
+                                        "max_tokens": max_tokens}, _device(model)),
+               "sweep": sweep, "tau_sweep": tau_sweep, "params_rows": params_rows,
+               "params_table": params_table(params_rows),
                "reports": [r.to_dict() for r in reports]}
     if out_dir is not None:
         plots.plot_lr_sweep(sweep, Path(out_dir) / "exp_lr.png",
@@ -183,8 +199,8 @@ def _row(rep: FocusReport) -> dict:
 
 def params_table(rows: Sequence[dict]) -> str:
     """Markdown: Δ_Corr, p-value and time per refinement for each params selector."""
-    lines = ["| params | lr | n uncertain | Δ corr | p-value | s / refinement |", "|---|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['params']} | {r['lr']:.3g} | {r['n_uncertain']} | {r['delta_corr']:+d} | {r['p_value']:.3g} | "
+    lines = ["| params | step | n uncertain | Δ corr | p-value | s / refinement |", "|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['params']} | {r.get('step', 'lr=%g' % r['lr'])} | {r['n_uncertain']} | {r['delta_corr']:+d} | {r['p_value']:.3g} | "
               f"{r['seconds_per_refinement']:.3f} |" for r in rows]
     return "\n".join(lines)
 
@@ -343,6 +359,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=None, help="positions scanned (topk: 2000, threshold: 100)")
     p.add_argument("--max-uncertain", type=int, default=None, help="refined positions per run (lr/steps: 8, combination: 12)")
     p.add_argument("--lrs", default=None, help="comma-separated lr grid (lr: 1e-7..1e-3; steps: 1e-5,1e-4)")
+    p.add_argument("--modes", default="ifo,dofo", help="lr experiment: the modes swept")
+    p.add_argument("--taus", default=None, help="lr experiment: also a tau grid of the normalized step rule, "
+                   "on the same positions (e.g. 0.3,1,3,10)")
+    p.add_argument("--scale", choices=sorted(SCALES), default="quick",
+                   help="default budgets: quick (minutes on 2 CPU cores) or paper (>= 10,000 uncertain tokens per "
+                        "point: days on a CPU); --max-tokens / --max-uncertain override")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="runs/experiments")
@@ -361,20 +383,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = {"model": args.model or DEFAULT_MODEL, "dataset": args.dataset or "bundled-sample", "seed": args.seed}
     lrs = {"lrs": [float(x) for x in args.lrs.split(",")]} if args.lrs else {}
     common = dict(context_length=args.context_length, out_dir=args.out, settings=settings)
-    budget = {k: v for k, v in (("max_tokens", args.max_tokens), ("max_uncertain", args.max_uncertain)) if v is not None}
+    scale = SCALES[args.scale]
+    budget = {k: v for k, v in (("max_tokens", args.max_tokens),
+                                ("max_uncertain", args.max_uncertain or scale["max_uncertain"])) if v is not None}
+    scan = lambda default: args.max_tokens or scale.get("max_tokens") or default  # noqa: E731
     chosen = EXPERIMENTS if args.experiment == "all" else (args.experiment,)
     for name in chosen:
         if name == "topk":
-            out = exp_topk(model, tokenizer, texts, max_tokens=args.max_tokens or 2000, **common)
+            out = exp_topk(model, tokenizer, texts, max_tokens=scan(2000), **common)
             print("top-k accuracy (%):", json.dumps(_jsonable(out["topk_accuracy"])))
         elif name == "threshold":
-            out = exp_threshold(model, tokenizer, texts, config, max_tokens=args.max_tokens or 100, **common)
+            out = exp_threshold(model, tokenizer, texts, config, max_tokens=scan(100), **common)
             print(*(f"threshold {r['threshold']:g}: Δ_Corr {r['delta_corr']:+d} of {r['n_uncertain']}" for r in out["rows"]), sep="\n")
         elif name == "lr":
-            out = exp_lr(model, tokenizer, texts, config, **lrs, **budget, **common)
-            for mode, rows in out["sweep"].items():
-                print(*(f"{mode} lr={r['lr']:g}: Δ_Corr {r['delta_corr']:+d} of {r['n_uncertain']}, p={r['p_value']:.3g}"
-                        for r in rows), sep="\n")
+            taus = {"taus": [float(x) for x in args.taus.split(",")]} if args.taus else {}
+            modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
+            out = exp_lr(model, tokenizer, texts, config, **lrs, **taus, modes=modes, **budget, **common)
+            for rule, sweep in (("lr", out["sweep"]), ("tau", out["tau_sweep"])):
+                for mode, rows in sweep.items():
+                    print(*(f"{mode} {rule}={r[rule]:g}: Δ_Corr {r['delta_corr']:+d} of {r['n_uncertain']}, "
+                            f"p={r['p_value']:.3g}" for r in rows), sep="\n")
             print(out["params_table"])
         elif name == "steps":
             out = exp_steps(model, tokenizer, texts, config, **lrs, **budget, **common)

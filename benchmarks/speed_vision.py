@@ -1,13 +1,23 @@
-"""Per-sample loop vs batched vmap path of `FocusClassifier` on ResNet-18 (random weights, every row refined).
+"""Per-sample loop vs batched vmap path of `FocusClassifier`: images refined per second and extra memory.
 
-    python benchmarks/speed_vision.py [--quick] [--out benchmarks/results/speed_vision.json]
+    OMP_NUM_THREADS=1 python benchmarks/speed_vision.py --out docs/results/vision/speed_vision.json
+    python benchmarks/speed_vision.py --models resnet18 --batches 4 16 --size 32   # random ResNet-18
+    python benchmarks/speed_vision.py --quick                                      # a smoke run
 
-Each (input size, path) is measured in a fresh subprocess so that its memory high-water mark is its own.
-Time: median over repeats of one call on B uncertain images (threshold 1.0, so every row takes a step),
-after one warm-up call. Peak memory per chunk: on CUDA, ``torch.cuda.max_memory_allocated`` during the
-call minus the memory allocated before it; on CPU, the peak resident-set growth over the calls, sampled
-by ``peak_memory.PeakRSS`` (model, inputs and a plain forward already done), i.e. what one chunk of
-``max_batch = B`` images adds on top of the model.
+Models: the pretrained ccexam CNNs (``ccexam-mnist`` on ``mnist-contrast-2`` test images, since it is
+saturated, p(top1) = 1.0 in float32, on most clean MNIST images; ``ccexam-usps`` on MNIST resized to
+16x16; ``ccexam-svhn`` on uniform random 3x32x32 images: no SVHN data ships), and torchvision's
+``resnet18`` with random weights. Every timed image is refined (threshold 1.0, images the gate takes,
+checked), so the batch size B is the number of images refined together (``max_batch = B``).
+
+Everything runs with one torch thread. Speed, one process per model: after one warm-up call per path,
+calls on the same B images are repeated until at least ``--min-images`` images are refined (a block);
+loop and vmap blocks alternate, ``--repeats`` of each, and the median images/s is reported, so a change
+of machine load hits both paths alike. Memory, one fresh process per (model, path), B ascending: the
+peak extra memory of one call after a warm-up call; on CUDA ``torch.cuda.max_memory_allocated`` minus
+what was allocated before, on CPU the peak resident-set growth (``peak_memory.PeakRSS``, run with
+``MALLOC_MMAP_THRESHOLD_`` so freed chunks leave the resident set), i.e. what one chunk of B images adds
+on top of the model and its inputs.
 """
 from __future__ import annotations
 
@@ -22,88 +32,158 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peak_memory import ENV, PeakRSS  # noqa: E402
 
-CASES = [(32, 16), (224, 4)]  # (input size, B uncertain images) on CPU
-QUICK_CASES = [(32, 4), (224, 2)]
+MODELS = ("ccexam-mnist", "ccexam-usps", "ccexam-svhn")
+BATCHES = (1, 2, 4, 8, 16, 32, 64)
 
 
-def _worker(size: int, batch: int, method: str, repeats: int, device: str) -> dict:
-    """Time one path in this process; returns seconds, images/s and peak extra memory (MB)."""
+def _inputs(name: str, batch: int, size: int, device: str):
+    """(model, images [batch, ...]) for one case."""
     import torch
-    import torchvision
 
+    from focus_decoding import core
+    from focus_decoding.vision import load_classifier, load_image_dataset
+
+    if name == "resnet18":
+        import torchvision
+
+        torch.manual_seed(0)
+        return torchvision.models.resnet18().eval().to(device), torch.randn(batch, 3, size, size).to(device)
+    model = load_classifier(name)
+    if name == "ccexam-svhn":
+        x = torch.rand(4 * batch, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    else:  # MNISTNet saturates (p = 1.0) on clean MNIST; its shifted test images are the ones it refines
+        x = load_image_dataset("mnist16" if name == "ccexam-usps" else "mnist-contrast-2", split="test").tensors[0]
+    x = x[:2000]
+    with torch.no_grad():
+        gated = x[core.top2_gap(model(x)) < 1.0]  # what threshold 1.0 gates: every timed row is refined
+    if len(gated) < batch:
+        raise RuntimeError(f"only {len(gated)} images of {name}'s data are uncertain; need {batch}")
+    return model.to(device), gated[:batch].to(device)
+
+
+def _classifier(model, batch: int, method: str):
     from focus_decoding import FocusConfig
     from focus_decoding.vision import FocusClassifier
 
-    torch.manual_seed(0)
-    model = torchvision.models.resnet18().eval().to(device)
-    x = torch.randn(batch, 3, size, size, device=device)
-    clf = FocusClassifier(model, FocusConfig(threshold=1.0, lr=1e-3), max_batch=batch, method=method)
-    with torch.no_grad():
-        model(x)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-    times = []
-    with PeakRSS() as measured:
-        for _ in range(repeats + 1):  # the first call is the warm-up
-            sync()
-            start = time.perf_counter()
+    return FocusClassifier(model, FocusConfig(threshold=1.0, lr=1e-3), max_batch=batch, method=method)
+
+
+def _speed_worker(name: str, batches: list[int], size: int, min_images: int, repeats: int, device: str) -> list[dict]:
+    """Images/s of both paths for every B, timed in alternating blocks (loop, vmap, loop, ...) so load drift hits both."""
+    import torch
+
+    torch.set_num_threads(1)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    rows = []
+    for batch in batches:
+        model, x = _inputs(name, batch, size, device)
+        clfs = {m: _classifier(model, batch, m) for m in ("loop", "vmap")}
+        for clf in clfs.values():
+            clf(x)  # warm-up: first-call costs (vmap tracing, allocator) are not the steady state
+        calls, rates = max(1, -(-min_images // batch)), {m: [] for m in clfs}
+        for _ in range(repeats):
+            for method, clf in clfs.items():
+                sync()
+                start = time.perf_counter()
+                for _ in range(calls):
+                    clf(x)
+                sync()
+                rates[method].append(calls * batch / (time.perf_counter() - start))
+        assert clfs["vmap"].stats.vectorized and not clfs["loop"].stats.vectorized
+        assert all(c.stats.gated == batch for c in clfs.values()), "every timed image must be refined"
+        rows.append({"batch": batch, "size": int(x.shape[-1]), "parameters": sum(p.numel() for p in model.parameters()),
+                     **{f"{m}_images_per_s": statistics.median(r) for m, r in rates.items()}})
+    return rows
+
+
+def _memory_worker(name: str, batches: list[int], size: int, method: str, device: str) -> list[float]:
+    """Peak extra memory (MB) of one call on B images, for each B in ascending order, one path."""
+    import torch
+
+    torch.set_num_threads(1)
+    peaks = []
+    for batch in sorted(batches):
+        model, x = _inputs(name, batch, size, device)
+        clf = _classifier(model, batch, method)
+        with torch.no_grad():
+            model(x)
+        clf(x)  # warm-up
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+        with PeakRSS() as measured:
             clf(x)
-            sync()
-            times.append(time.perf_counter() - start)
-    if device == "cuda":
-        peak_mb = (torch.cuda.max_memory_allocated() - before) / 2**20
-    else:
-        peak_mb = measured.extra_bytes / 2**20
-    sec = statistics.median(times[1:])
-    return {"size": size, "batch": batch, "method": method, "seconds": sec, "images_per_s": batch / sec,
-            "peak_extra_mb": peak_mb, "vectorized": clf.stats.vectorized, "device": device,
-            "threads": torch.get_num_threads()}
+        peak = (torch.cuda.max_memory_allocated() - before) if device.startswith("cuda") else measured.extra_bytes
+        peaks.append(peak / 2**20)
+    return peaks
 
 
-def run(quick: bool = False, device: str | None = None) -> dict:
-    """Measure both paths for every case, each in a fresh subprocess; ratios loop/vmap included."""
+def _subprocess(kind: str, *args):
+    cmd = [sys.executable, __file__, "--worker", json.dumps([kind, *args])]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**ENV, "OMP_NUM_THREADS": "1"})
+    if proc.returncode:
+        raise RuntimeError(f"worker {kind} {args} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run(models=MODELS, batches=BATCHES, size: int = 32, min_images: int = 64, repeats: int = 3,
+        device: str | None = None) -> dict:
+    """Speed of both paths per model (one process, interleaved) and memory per path (one fresh process each)."""
     import torch
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    cases, repeats = (QUICK_CASES, 1) if quick else (CASES, 3)
+    batches = sorted(batches)
     rows = []
-    for size, batch in cases:
-        pair = {}
-        for method in ("loop", "vmap"):
-            cmd = [sys.executable, __file__, "--worker", json.dumps([size, batch, method, repeats, device])]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=ENV).stdout
-            pair[method] = json.loads(out.strip().splitlines()[-1])
-        rows.append({"size": size, "batch": batch, "loop": pair["loop"], "vmap": pair["vmap"],
-                     "speedup_vmap_over_loop": pair["loop"]["seconds"] / pair["vmap"]["seconds"],
-                     "memory_ratio_vmap_over_loop": pair["vmap"]["peak_extra_mb"] / max(pair["loop"]["peak_extra_mb"], 1e-9)})
-    return {"model": "resnet18 (random weights, 1000 classes)", "device": device, "quick": quick,
-            "repeats": repeats, "cases": rows}
+    for name in models:
+        speed = _subprocess("speed", name, batches, size, min_images, repeats, device)
+        memory = {m: _subprocess("memory", name, batches, size, m, device) for m in ("loop", "vmap")}
+        for i, sp in enumerate(speed):
+            lo_mb, vm_mb = memory["loop"][i], memory["vmap"][i]
+            rows.append({"model": name, **sp, "loop_extra_mb": lo_mb, "vmap_extra_mb": vm_mb,
+                         "speedup_vmap_over_loop": sp["vmap_images_per_s"] / sp["loop_images_per_s"],
+                         "memory_ratio_vmap_over_loop": vm_mb / max(lo_mb, 1e-3)})
+            print(_row(rows[-1]), flush=True)
+    return {"device": device, "threads": 1, "min_images": min_images, "repeats": repeats, "cases": rows}
+
+
+HEADER = ("| model | params | input | B | loop img/s | vmap img/s | vmap / loop speed | loop extra MB | vmap extra MB |\n"
+          "|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+
+
+def _row(r: dict) -> str:
+    return (f"| {r['model']} | {r['parameters'] / 1e3:.0f}k | {r['size']}x{r['size']} | {r['batch']} | "
+            f"{r['loop_images_per_s']:.0f} | {r['vmap_images_per_s']:.0f} | {r['speedup_vmap_over_loop']:.2f} | "
+            f"{r['loop_extra_mb']:.1f} | {r['vmap_extra_mb']:.1f} |")
 
 
 def main() -> None:
-    """Print the table and write the JSON."""
+    """Print the table and write the JSON (+ a markdown table next to it)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), help=f"{MODELS} or resnet18")
+    parser.add_argument("--batches", nargs="+", type=int, default=list(BATCHES))
+    parser.add_argument("--size", type=int, default=32, help="input size of resnet18 (the ccexam nets have their own)")
+    parser.add_argument("--min-images", type=int, default=64, help="images refined per timed block")
+    parser.add_argument("--repeats", type=int, default=3, help="timed blocks; the median is reported")
+    parser.add_argument("--quick", action="store_true", help="ccexam-usps, B in {1, 8}, one short block")
     parser.add_argument("--device", default=None)
     parser.add_argument("--out", default="benchmarks/results/speed_vision.json")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(_worker(*json.loads(args.worker))))
+        kind, *rest = json.loads(args.worker)
+        print(json.dumps((_speed_worker if kind == "speed" else _memory_worker)(*rest)))
         return
-    result = run(args.quick, args.device)
-    print(f"{result['model']} on {result['device']}")
-    print("| size | B | loop s | vmap s | loop img/s | vmap img/s | vmap speed-up | loop peak MB | vmap peak MB |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for r in result["cases"]:
-        lo, vm = r["loop"], r["vmap"]
-        print(f"| {r['size']} | {r['batch']} | {lo['seconds']:.3f} | {vm['seconds']:.3f} | {lo['images_per_s']:.1f} | "
-              f"{vm['images_per_s']:.1f} | {r['speedup_vmap_over_loop']:.2f}x | {lo['peak_extra_mb']:.0f} | {vm['peak_extra_mb']:.0f} |")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.out}")
+    if args.quick:
+        args.models, args.batches, args.min_images, args.repeats = ["ccexam-usps"], [1, 8], 16, 1
+    print(HEADER)
+    result = run(args.models, args.batches, args.size, args.min_images, args.repeats, args.device)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    out.with_suffix(".md").write_text(f"device {result['device']}, 1 thread\n\n{HEADER}\n" +
+                                      "\n".join(_row(r) for r in result["cases"]) + "\n")
+    print(f"wrote {out} and {out.with_suffix('.md')}")
 
 
 if __name__ == "__main__":

@@ -21,13 +21,13 @@ _LAZY = {
     "load_classifier": "vision",
     "load_image_dataset": "vision",
     "evaluate_classifier": "eval_vision",
-    "run_eval_vision": "eval_vision",
+    "run_eval_vision": "cli_eval_vision",
 }
 
 __all__ = ["FocusConfig", "PRESETS", "FocusReport", "markdown_table", "FocusLogitsProcessor", "FocusStats",
            "enable", "disable", "is_enabled", "generate", "focus_generate", "last_focus_stats", "load_default_model", "focus_classes", "focus_loss", "focus_step", "is_uncertain",
            "refine", "sgd_steps", "split_parameters", "top2_gap", *_LAZY]
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 def __getattr__(name):

@@ -15,12 +15,15 @@ Example:
 """
 from __future__ import annotations
 
+import codecs
+import contextlib
+import logging
 import os
 import random
-import socket
-import threading
 from pathlib import Path
 from typing import Iterable
+
+from .hub import HubUnavailable, looks_like_path, offline_reason
 
 SAMPLE_PATH = Path(__file__).parent / "data" / "jargon_sample.jsonl"
 TEXT_SUFFIXES = (".txt", ".md")
@@ -33,7 +36,6 @@ HUB_CORPORA: dict[str, tuple[str, str | None]] = {
     "contracts": ("albertvillanova/legal_contracts", None),
 }
 TEXT_FIELDS = ("text", "content", "contract", "document")
-CONNECT_TIMEOUT_S = 3.0
 OFFLINE_HINT = ("no network access to the Hugging Face hub; use a local file or folder instead, "
                 "e.g. `--dataset path/to/file.txt` (or .md / .jsonl with a \"text\" field, or a folder of them), "
                 "or omit --dataset for the bundled sample")
@@ -50,6 +52,10 @@ def load_texts(spec: str | None = None, *, split: str = "train", max_texts: int 
         rows = _load_local([SAMPLE_PATH], split, streaming)
     elif os.path.exists(spec):
         rows = _load_local(_local_files(Path(spec)), split, streaming)
+    elif looks_like_path(spec):  # never send a mistyped path to the hub as if it were a corpus name
+        raise FileNotFoundError(f"dataset {spec!r}: no such file or folder; allowed: an existing "
+                                f"{TEXT_SUFFIXES + JSON_SUFFIXES} file or a folder of them, {sorted(HUB_CORPORA)}, "
+                                "or a hub id 'owner/name'")
     elif spec in HUB_CORPORA or "/" in spec:
         rows = _load_hub(spec, split, streaming)
     else:
@@ -93,22 +99,87 @@ def _local_files(path: Path) -> list[Path]:
     return [path]
 
 
+def check_text_file(path: Path, chunk: int = 1 << 16, max_bytes: int = 1 << 20) -> None:
+    """Raise ``ValueError`` naming ``path`` unless its first ``max_bytes`` are UTF-8 text without NUL bytes.
+
+    Only the start is read, so a large corpus costs no extra pass; a bad byte further on is caught
+    while the file streams (see ``_load_local``).
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    allowed = f"allowed: UTF-8 text in {TEXT_SUFFIXES + JSON_SUFFIXES} files"
+    offset = 0
+    with open(path, "rb") as f:
+        while offset < max_bytes and (block := f.read(min(chunk, max_bytes - offset))):
+            nul = block.find(b"\0")
+            if nul >= 0:
+                raise ValueError(f"{str(path)!r} is a binary file (NUL byte at offset {offset + nul}); {allowed}")
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{str(path)!r} is not UTF-8 text (byte {block[err.start]:#04x} at offset "
+                                 f"{offset + err.start}); {allowed}") from None
+            offset += len(block)
+        at_end = not f.read(1)
+    if at_end:
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise ValueError(f"{str(path)!r} ends inside a UTF-8 character (truncated?); {allowed}") from None
+
+
 def _load_local(files: list[Path], split: str, streaming: bool) -> Iterable[str]:
     """Each .txt/.md file is one document; each JSON record is one document (its "text" field)."""
     from datasets import load_dataset
 
+    for path in files:  # before `datasets` sees them: its decode errors do not name the file
+        check_text_file(path)
     text_files = [str(p) for p in files if p.suffix.lower() in TEXT_SUFFIXES]
     json_files = [str(p) for p in files if p.suffix.lower() in JSON_SUFFIXES]
     if text_files:
-        ds = load_dataset("text", data_files={split: text_files}, split=split, sample_by="document",
-                          keep_linebreaks=True, streaming=streaming)
-        yield from (row["text"] for row in ds)
+        try:
+            ds = load_dataset("text", data_files={split: text_files}, split=split, sample_by="document",
+                              keep_linebreaks=True, streaming=streaming)
+            yield from (row["text"] for row in ds)
+        except UnicodeDecodeError as err:  # past the checked start of a file
+            where = ", ".join(repr(f) for f in text_files)
+            raise ValueError(f"{where}: not UTF-8 text ({err.reason}, beyond the first MiB of a file); allowed: "
+                             "UTF-8 text") from None
     if json_files:
-        ds = load_dataset("json", data_files={split: json_files}, split=split, streaming=streaming)
+        where = ", ".join(repr(f) for f in json_files)
         field = None
-        for row in ds:
-            field = field or _text_field(row, ", ".join(json_files))
+        for row in _json_rows(json_files, split, streaming, where):
+            field = field or _text_field(row, where)
             yield row[field]
+
+
+def _json_rows(files: list[str], split: str, streaming: bool, where: str) -> Iterable[dict]:
+    """The records of JSON / JSON-lines files; a malformed file raises ``ValueError`` naming it."""
+    from datasets import load_dataset
+
+    try:
+        with _quiet_logger("datasets.packaged_modules.json.json"):  # it logs the error we raise below
+            yield from load_dataset("json", data_files={split: files}, split=split, streaming=streaming)
+    except _json_errors() as err:
+        raise ValueError(f"{where} is not valid JSON / JSON lines ({' '.join(str(err).split())}); allowed: one "
+                         f"JSON object per line with a text field, one of {TEXT_FIELDS}") from err
+
+
+def _json_errors() -> tuple[type[BaseException], ...]:
+    """What `datasets` raises on a malformed JSON file (pyarrow's ArrowInvalid is a ValueError)."""
+    from datasets.exceptions import DatasetGenerationError
+
+    return DatasetGenerationError, ValueError
+
+
+@contextlib.contextmanager
+def _quiet_logger(name: str):
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _text_field(row: dict, where: str) -> str:
@@ -120,13 +191,15 @@ def _text_field(row: dict, where: str) -> str:
 
 # ----------------------------------------------------------------------------- hub corpora
 def _load_hub(spec: str, split: str, streaming: bool) -> Iterable[str]:
-    """Stream only what is needed from the hub; fail within seconds when offline."""
+    """Stream only what is needed from the hub; fail within seconds when offline (checked here, not on first row)."""
     repo, config = HUB_CORPORA.get(spec, (spec, None))
-    if _env_true("HF_HUB_OFFLINE") or _env_true("HF_DATASETS_OFFLINE"):
-        raise RuntimeError(f"cannot load {repo!r}: HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set; {OFFLINE_HINT}")
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    if not _reachable(endpoint):
-        raise RuntimeError(f"cannot load {repo!r}: {endpoint} is unreachable; {OFFLINE_HINT}")
+    reason = offline_reason(("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    if reason is not None:
+        raise HubUnavailable(f"cannot load dataset {repo!r}: {reason}; {OFFLINE_HINT}")
+    return _stream_hub(repo, config, split, streaming)
+
+
+def _stream_hub(repo: str, config: str | None, split: str, streaming: bool) -> Iterable[str]:
     from datasets import load_dataset
 
     try:
@@ -142,33 +215,8 @@ def _load_hub(spec: str, split: str, streaming: bool) -> Iterable[str]:
         for row in ds:
             field = field or _text_field(row, repo)
             yield row[field]
-    except (ConnectionError, TimeoutError, OSError) as err:
-        raise RuntimeError(f"cannot load {repo!r} ({type(err).__name__}: {err}); {OFFLINE_HINT}") from err
-
-
-def _env_true(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def _reachable(url: str, timeout: float = CONNECT_TIMEOUT_S) -> bool:
-    """TCP connect to the endpoint in a thread, so a hanging DNS lookup cannot block longer than ``timeout``."""
-    from urllib.parse import urlparse
-
-    parsed = urlparse(url)
-    host, port = parsed.hostname or "", parsed.port or (443 if parsed.scheme == "https" else 80)
-    ok = []
-
-    def probe() -> None:
-        try:
-            socket.create_connection((host, port), timeout=timeout).close()
-            ok.append(True)
-        except OSError:
-            pass
-
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(timeout + 0.5)
-    return bool(ok)
+    except (ConnectionError, TimeoutError) as err:
+        raise HubUnavailable(f"cannot load dataset {repo!r} ({type(err).__name__}: {err}); {OFFLINE_HINT}") from err
 
 
 def _take(rows: Iterable[str], max_texts: int | None, max_chars: int | None) -> list[str]:

@@ -28,9 +28,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import shutil
 import sys
 import threading
 import types
+from pathlib import Path
 from typing import Any, Mapping
 
 import torch
@@ -46,12 +48,13 @@ from .generation import FocusLogitsProcessor, FocusStats, check_decoder_only, ch
 
 TRANSFORMERS = Version(transformers.__version__)
 CALLABLE_FLOOR = Version("4.57.0")  # first release that hands a callable the keyword arguments it names
-FOLDER_FLOOR = Version("4.55.0")  # custom_generate="folder" from a local path (see custom_generate/README.md)
+FOLDER_FLOOR = Version("4.52.0")  # first release that loads custom_generate="folder" (custom_generate/generate.py)
 _REFUSED_LOOPS = {  # decoding methods transformers may dispatch to that focus decoding does not run
     "_contrastive_search": "contrastive search", "_assisted_decoding": "assisted decoding",
     "_group_beam_search": "group (diverse) beam search", "_constrained_beam_search": "constrained beam search",
     "_dola_decoding": "DoLa decoding",
 }
+METHOD_FOLDER = Path(__file__).parent / "custom_generate"  # generate.py, requirements.txt, README.md (the Hub card)
 _last = threading.local()
 
 
@@ -263,3 +266,24 @@ def _enabled_generate(self: nn.Module, *args: Any, focus_config: Any = _UNSET, *
         previous = self.__dict__.get("_focus_previous_generate")
         return (previous or types.MethodType(type(self).generate, self))(*args, **kwargs)
     return focus_generate(self, *args, focus_config=FocusConfig.coerce(focus_config), **kwargs)
+
+
+# ----------------------------------------------------------------------------- the Hub-style folder
+def export_generate(directory: str | Path, *, overwrite: bool = False) -> Path:
+    """Write the ``custom_generate`` folder (as on the Hub) into ``directory``; return its path.
+
+    ``model.generate(..., custom_generate=str(directory), trust_remote_code=True, focus_config={...})``
+    then runs focus decoding (transformers >= 4.52); the folder can be pushed to the Hub as it is.
+    """
+    directory = Path(directory)
+    targets = {METHOD_FOLDER / "README.md": directory / "README.md",  # the card sits at the repo root
+               **{METHOD_FOLDER / name: directory / "custom_generate" / name for name in ("generate.py", "requirements.txt")}}
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(f"{directory} is a file; give a folder to write the custom_generate method into")
+    clash = [str(dst) for dst in targets.values() if dst.exists()]
+    if clash and not overwrite:
+        raise FileExistsError(f"{clash[0]} already exists; choose an empty folder or pass overwrite=True (--overwrite)")
+    for src, dst in targets.items():
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dst)
+    return directory

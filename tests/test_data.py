@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from focus_decoding import data
+from focus_decoding import data, hub
 from focus_decoding.data import SAMPLE_PATH, load_texts, split_dev_test
 
 
@@ -41,7 +41,7 @@ def test_local_txt_md_jsonl_and_folder(tmp_path):
 def test_hub_name_fails_fast_offline_with_a_hint(spec, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     t0 = time.perf_counter()
-    with pytest.raises(RuntimeError, match="--dataset path/to/file.txt"):
+    with pytest.raises(data.HubUnavailable, match="--dataset path/to/file.txt"):
         load_texts(spec, max_texts=1)
     assert time.perf_counter() - t0 < 5
     # without the offline flag: an unreachable endpoint also fails within seconds
@@ -49,14 +49,17 @@ def test_hub_name_fails_fast_offline_with_a_hint(spec, monkeypatch):
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
     t0 = time.perf_counter()
-    with pytest.raises(RuntimeError, match="unreachable"):
+    with pytest.raises(ConnectionError, match="unreachable"):  # HubUnavailable is a ConnectionError
         load_texts(spec, max_texts=1)
-    assert time.perf_counter() - t0 < data.CONNECT_TIMEOUT_S + 2
+    assert time.perf_counter() - t0 < hub.CONNECT_TIMEOUT_S + 2
 
 
 def test_unknown_spec_and_bad_limits():
     with pytest.raises(ValueError, match="neither an existing file"):
-        load_texts("no_such_file.txt")
+        load_texts("no_such_corpus")
+    for path in ("no_such_file.txt", "/no/such/file.txt", "./corpus", "a/b/c"):  # paths, never hub ids
+        with pytest.raises(FileNotFoundError, match="no such file or folder"):
+            load_texts(path)
     with pytest.raises(ValueError, match="max_texts"):
         load_texts(max_texts=0)
     with pytest.raises(ValueError, match="max_chars"):
@@ -76,3 +79,31 @@ def test_split_dev_test():
     assert all(len(split) >= 1 for split in split_dev_test(["a", "b"], 0.9))
     with pytest.raises(ValueError, match="dev_fraction"):
         split_dev_test(texts, 1.0)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"text\x00with a NUL", "binary file \\(NUL byte at offset 4\\)"),
+    (b"ok \xff\xfe not utf-8", "not UTF-8 text \\(byte 0xff at offset 3\\)"),
+    ("caf\u00e9".encode()[:-1], "ends inside a UTF-8 character"),
+])
+def test_non_text_files_are_named(content, message, tmp_path):
+    path = tmp_path / "blob.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=message) as err:
+        load_texts(str(path))
+    assert str(path) in str(err.value)
+
+
+def test_text_check_reads_characters_across_chunks(tmp_path):
+    path = tmp_path / "accents.txt"
+    path.write_text("caf\u00e9 na\u00efve " * 50, encoding="utf-8")
+    data.check_text_file(path, chunk=3)  # 3-byte chunks cut every two-byte character somewhere: still text
+    assert load_texts(str(path)) == ["caf\u00e9 na\u00efve " * 50]
+
+
+def test_bad_bytes_past_the_checked_start_are_still_named(tmp_path):
+    path = tmp_path / "long.txt"
+    path.write_bytes(b"a" * (2 << 20) + b"\xff tail")  # the start check reads 1 MiB; the stream finds the rest
+    with pytest.raises(ValueError, match="not UTF-8 text") as err:
+        load_texts(str(path))
+    assert str(path) in str(err.value)

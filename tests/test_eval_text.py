@@ -1,4 +1,9 @@
-"""evaluate_next_token against a naive reference written straight from the method, plus its bookkeeping."""
+"""evaluate_next_token against a naive reference written straight from the method, plus its bookkeeping.
+
+Comparisons with the reference (and batched vs one-by-one) run on float64 models (``reference.tiny_lm64``)
+with thresholds placed between two gaps, so that no outcome can flip on float32 rounding: their
+verdict does not depend on the CPU or the thread count.
+"""
 import copy
 
 import pytest
@@ -8,11 +13,12 @@ from focus_decoding import FocusConfig, core
 from focus_decoding.eval_text import (evaluate_next_token, refine_position, refine_positions_batched,
                                       tokenize_stream, window_bounds)
 from focus_decoding.models import tiny_causal_lm
-from focus_decoding.report import FocusReport
-from reference import naive_refine
+from focus_decoding.report import MAX_K, FocusReport
+from reference import assert_exact, first_step_eta, naive_refine, normalized_lr, tiny_lm64
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "Pack my box with five dozen liquor jugs!",
          "How vexingly quick daft zebras jump."]
+NORMALIZED = dict(step_rule="normalized", tau=0.5)
 
 
 class ByteTokenizer:
@@ -41,21 +47,49 @@ def assert_untouched(model, before, requires_grad, training):
     assert {n: m.training for n, m in model.named_modules()} == training
 
 
-def gap_quantile_threshold(model, texts, context_length, q=0.3):
-    """A threshold that gates about a fraction ``q`` of this model's positions (so both branches run)."""
+def _gaps(model, texts, context_length):
     stream = tokenize_stream(TOK, texts)
     with torch.no_grad():
-        gaps = core.top2_gap(model(stream[None, :context_length]).logits[0])
-    return float(gaps.quantile(q))
+        return core.top2_gap(model(stream[None, :context_length]).logits[0]).sort().values
 
 
-def naive_reference(model, texts, config, context_length, stride):
-    """The method written out: slide windows, score unseen labels, deepcopy + SGD per uncertain position."""
+def gap_quantile_threshold(model, texts, context_length, q=0.3):
+    """A threshold that gates about a fraction ``q`` of this model's positions (so both branches run),
+    half-way between two neighbouring gaps: no gap lies on it, so rounding cannot move a position across."""
+    gaps = _gaps(model, texts, context_length)
+    i = min(max(int(q * len(gaps)), 1), len(gaps) - 1)
+    return float(gaps[i - 1] + gaps[i]) / 2
+
+
+def model_text(model, n_tokens, first=40):
+    """A text the model itself predicts (greedy, never the previous token again), so that most labels are
+    among its top-ranked tokens: scoring labels one position off then shows in the top-k hits."""
+    ids = [first]
+    for _ in range(n_tokens):
+        with torch.no_grad():
+            logits = model(torch.tensor([ids[-16:]])).logits[0, -1]
+        ids.append(next(int(t) for t in logits.argsort(descending=True) if 3 <= t <= 92 and t != ids[-1]))
+    return "".join(chr(t - 3) for t in ids)  # ByteTokenizer maps byte b < 90 back to token 3 + b
+
+
+def _step_rate(model, run, focus, config):
+    """The reference's rate: the fixed lr, or tau / ||g||^2 by hand (one step) / per step (several)."""
+    if config.step_rule == "fixed":
+        return config.lr
+    if config.steps == 1:
+        return first_step_eta(model, run, focus, config.mode, config.tau)
+    return normalized_lr(config.tau)
+
+
+def naive_reference(model, texts, config, context_length, stride, thresholds):
+    """The method written out: slide windows, score unseen labels, deepcopy + SGD per uncertain position;
+    and the top-k table counted label by label from each window's logits."""
     ids = []
     for i, text in enumerate(texts):
         ids += ([TOK.eos_token_id] if i else []) + TOK(text)["input_ids"]
     stream = torch.tensor(ids)
     n_total, outcomes, scored = 0, [], set()
+    counts, hits = [0] * len(thresholds), [[0] * MAX_K for _ in thresholds]
     for s in range(0, len(ids), stride):
         window = stream[s:s + context_length]
         if s + 1 >= len(ids) or window.numel() < 1:
@@ -68,36 +102,55 @@ def naive_reference(model, texts, config, context_length, stride):
                 continue
             scored.add(label_index)
             n_total += 1
+            label = stream[label_index].item()
             probs = torch.softmax(logits[t], -1).sort(descending=True).values
-            if probs[0] - probs[1] >= config.threshold:
+            gap = float(probs[0] - probs[1])
+            rank = int((logits[t] > logits[t, label]).sum())  # 0 = the label is the top prediction
+            for i, threshold in enumerate(thresholds):
+                if gap < threshold:
+                    counts[i] += 1
+                    for k in range(MAX_K):
+                        hits[i][k] += int(rank <= k)
+            if gap >= config.threshold:
                 continue
             focus = logits[t].topk(config.n_focus).indices
             ctx = window[None, :t + 1]
-            new = naive_refine(model, lambda m: m(ctx).logits[0, -1], focus, config.mode, config.lr,
+            run = lambda m: m(ctx).logits[0, -1]  # noqa: E731
+            new = naive_refine(model, run, focus, config.mode, _step_rate(model, run, focus, config),
                                config.steps).argmax().item()
-            outcomes.append((stream[label_index].item(), logits[t].argmax().item(), new))
-    return n_total, outcomes
+            outcomes.append((label, logits[t].argmax().item(), new))
+    return n_total, outcomes, counts, hits
 
 
-@pytest.mark.parametrize("arch,tied,mode,steps,context_length,stride", [
-    ("llama", True, "ifo", 1, 16, None),
-    ("gpt2", False, "dofo", 2, 16, 8),
+@pytest.mark.parametrize("arch,tied,mode,steps,context_length,stride,rule", [
+    ("llama", True, "ifo", 1, 16, None, {}),
+    ("gpt2", False, "dofo", 2, 16, 8, {}),
+    ("llama", False, "ifo", 1, 16, 8, NORMALIZED),
+    ("gpt2", True, "dofo", 2, 16, None, NORMALIZED),
 ])
-def test_matches_naive_reference(arch, tied, mode, steps, context_length, stride):
-    model = tiny_causal_lm(arch, tied=tied, layers=2)
-    texts = TEXTS[:2]
-    lr = 0.5 if mode == "ifo" else 20.0  # large enough that refinement changes predictions
-    config = FocusConfig(mode=mode, lr=lr, steps=steps,
-                         threshold=gap_quantile_threshold(model, texts, context_length))
+def test_matches_naive_reference(arch, tied, mode, steps, context_length, stride, rule):
+    model = tiny_lm64(arch, tied=tied, layers=2)
+    texts = [model_text(model, 60), TEXTS[1]]
+    step = rule or dict(lr=0.5 if mode == "ifo" else 20.0)  # large enough that refinement changes predictions
+    config = FocusConfig(mode=mode, steps=steps, threshold=gap_quantile_threshold(model, texts, context_length),
+                         **step)
+    thresholds = [gap_quantile_threshold(model, texts, context_length, q) for q in (0.2, 0.6)] + [1.0]
     report = evaluate_next_token(model, TOK, texts, config, context_length=context_length, stride=stride,
-                                 progress=False)
-    n_total, outcomes = naive_reference(model, texts, config, context_length, stride or context_length)
+                                 thresholds=thresholds, progress=False)
+    n_total, outcomes, counts, hits = naive_reference(model, texts, config, context_length,
+                                                      stride or context_length, thresholds)
     expected = FocusReport()
     expected.add_outcomes(*(torch.tensor(col) for col in zip(*outcomes)))
     assert report.n_total == n_total == len(tokenize_stream(TOK, texts)) - 1
     assert 0 < report.n_uncertain < report.n_total
     assert report.outcomes == expected.outcomes
     assert any(b != f for _, b, f in outcomes), "refinement never changed a prediction: test is vacuous"
+    # the top-k table (unmodified model), label by label
+    assert report.topk_thresholds == thresholds
+    assert report.topk_counts == counts and report.topk_hits == hits
+    assert 0 < counts[0] < counts[1] < counts[2] == n_total  # three different sets of positions
+    # model_text puts most labels in the model's top 5 (at various ranks): the table has something to get wrong
+    assert hits[-1][0] < hits[-1][-1] < n_total and hits[-1][-1] > n_total // 3
 
 
 @pytest.mark.parametrize("n,length,stride", [(2, 4, 4), (10, 4, 4), (11, 4, 4), (12, 4, 4), (30, 8, 3), (9, 8, 1)])
@@ -169,21 +222,36 @@ def test_model_untouched_also_after_errors(monkeypatch):
     assert_untouched(model, before, rg, training)
 
 
-@pytest.mark.parametrize("steps,params", [(1, "all"), (2, "last:1")])
-def test_batched_positions_equal_one_by_one(steps, params):
-    model = tiny_causal_lm(layers=2)
-    config = FocusConfig(threshold=1.0, lr=0.5, steps=steps, params=params)
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # vmap over sdpa runs a per-sample loop
+@pytest.mark.parametrize("arch,steps,params,rule", [
+    ("gpt2", 1, "all", dict(lr=0.5)), ("llama", 2, "last:1", dict(lr=0.5)),
+    ("llama", 1, "all", NORMALIZED), ("gpt2", 2, "last:1", NORMALIZED)])
+def test_batched_positions_equal_one_by_one(arch, steps, params, rule):
+    # float64 (tiny_lm64: sdpa for llama, whose eager attention takes its softmax in float32): the
+    # batched path runs every position on the longest context, the single path on its own, so float32
+    # kernels would round them differently
+    model = tiny_lm64(arch, layers=2)
+    config = FocusConfig(threshold=1.0, steps=steps, params=params, **rule)
     ids = tokenize_stream(TOK, TEXTS[:1])[None, :16]
     with torch.no_grad():
         logits = model(ids).logits[0]
     trainable, frozen = core.split_parameters(model, config.params)
+    names = set(trainable)
     positions = [3, 7, 8, 15]
     batched = refine_positions_batched(model, ids, logits, positions, trainable, frozen, config)
     for t, res in zip(positions, batched):
         single = refine_position(model, ids, logits[t], t, trainable, frozen, config)
         assert not torch.allclose(single.logits, logits[t], atol=1e-3)  # the step did something
-        torch.testing.assert_close(res.logits, single.logits, rtol=1e-4, atol=1e-4)
+        assert_exact(res.logits, single.logits, f"position {t}")
         assert res.changed == single.changed
+        # and both equal the reference, each position with its own rate under the normalized rule
+        ctx, focus = ids[:, :t + 1], logits[t].topk(config.n_focus).indices
+        run = lambda m: m(ctx).logits[0, -1]  # noqa: E731
+        rate = config.lr if config.step_rule == "fixed" else (
+            first_step_eta(model, run, focus, config.mode, config.tau, lambda n: n in names) if steps == 1
+            else normalized_lr(config.tau))
+        ref = naive_refine(model, run, focus, config.mode, rate, steps, select=lambda n: n in names)
+        assert_exact(res.logits, ref, f"position {t} vs reference")
     one = evaluate_next_token(model, TOK, TEXTS[:2], config, context_length=16, progress=False, max_uncertain=12)
     four = evaluate_next_token(model, TOK, TEXTS[:2], config, context_length=16, progress=False, max_uncertain=12,
                                batch_positions=4)
@@ -205,11 +273,10 @@ def test_bad_arguments_name_the_field(kwargs, field):
 
 
 @pytest.mark.default_model
-def test_default_model_on_bundled_sample():
+def test_default_model_on_bundled_sample(default_model):
     from focus_decoding.data import load_texts
-    from focus_decoding.models import load_default_model
 
-    model, tokenizer = load_default_model()
+    model, tokenizer = default_model  # loaded once per session (conftest)
     before = {n: p.detach().clone() for n, p in list(model.named_parameters())[-3:]}
     config = FocusConfig.preset("smollm2-135m")
     texts = load_texts(max_texts=3)

@@ -5,6 +5,7 @@ import random
 import pytest
 import torch
 
+from conftest import need
 from focus_decoding.report import FocusReport
 
 
@@ -34,7 +35,8 @@ def test_report_measures_by_hand():
     # exact McNemar: two-sided binomial on 7 discordant pairs, min count 2
     explicit = min(1.0, 2 * sum(math.comb(7, i) for i in range(3)) / 2 ** 7)
     assert report.p_value == pytest.approx(explicit)
-    scipy_stats = pytest.importorskip("scipy.stats")
+    # an independent implementation of the same exact test (scipy is in the test extra; never skipped under CI)
+    scipy_stats = need("scipy.stats")
     assert report.p_value == pytest.approx(scipy_stats.binomtest(5, 7, 0.5).pvalue)
 
 

@@ -1,0 +1,161 @@
+"""`focus-decoding tune` on the tiny models: the files, the verdict line, Ctrl-C + --resume, the config in generate."""
+import json
+
+import pytest
+
+from focus_decoding import cli, cli_tune, eval_text, runs
+from focus_decoding.config import FocusConfig
+
+DOCS = ["the cat sat on the mat. the dog sat on the log. a cat and a dog met on the mat. " * 3,
+        "Pack my box with five dozen liquor jugs. How vexingly quick daft zebras jump! " * 3,
+        "The quick brown fox jumps over the lazy dog, then naps in the warm afternoon sun. " * 3,
+        "Sphinx of black quartz, judge my vow. Jackdaws love my big sphinx of quartz. " * 3]
+GRID = ["--lrs", "1e-3,30", "--params", "last:2,all"]
+
+
+@pytest.fixture(autouse=True)
+def tune_wired(monkeypatch):
+    """Until the lead wires ``tune`` into cli.py's parser: the same wiring, for these tests only."""
+    if "tune" not in cli.JOBS:
+        monkeypatch.setitem(cli.JOBS, "tune", (cli_tune, "choose a focus setting on dev, judge it on test"))
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS))
+    return str(path)
+
+
+def tune_args(corpus, out, *extra):
+    return ["tune", "--model", "tiny-llama", "--no-progress", "--dataset", corpus, "--context-length", "32",
+            "--dev-max-uncertain", "24", "--test-max-uncertain", "16", "--threshold", "0.3", *GRID,
+            "--out", str(out), *extra]
+
+
+def stable(path):
+    """What an interrupted run must reproduce: every outcome, decision and count, not the clock."""
+    d = json.loads((path / "tune.json").read_text())
+    return {"outcomes": [c["outcomes"] for c in d["candidates"]], "eliminations": d["eliminations"],
+            "choice": d["choice"], "per_candidate": d["spend"]["per_candidate"], "dev_plain": d["dev_plain"]["n_total"],
+            "test": {k: d["test_report"][k] for k in ("n_total", "outcomes", "topk_counts", "topk_hits", "nonfinite")},
+            "verdict": d["verdict"], "chosen": d["chosen"]}
+
+
+def test_tune_writes_the_evidence_and_ends_with_the_verdict(tmp_path, corpus, capsys):
+    assert cli.main(tune_args(corpus, tmp_path)) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    saved = json.loads((tmp_path / "tune.json").read_text())
+    assert lines[-1] == saved["verdict"]["line"]
+    assert saved["verdict"]["kind"] in ("helps", "harmful", "no significant gain")
+    spend = saved["spend"]
+    assert spend["refinements"] <= 2 * spend["dev_uncertain_tokens"] == 2 * 24
+    assert spend["exhaustive_refinements"] == 4 * 24 and spend["ratio_to_final_alone"] <= 2
+    assert any(f"ratio {spend['ratio_to_final_alone']:.2f}" in line for line in lines)  # printed by tune itself
+    assert saved["test"]["n_uncertain"] == 16 and saved["data"]["dev_uncertain"] == 24
+    assert {"versions", "date", "seed"} <= set(saved["meta"])
+    assert FocusConfig.from_dict(json.loads((tmp_path / "focus_config.json").read_text())).to_dict() == saved["chosen"]
+    assert (tmp_path / "tune.png").stat().st_size > 0 and "off (plain model)" in (tmp_path / "tune.md").read_text()
+    assert not (tmp_path / "partial.json").exists()
+
+
+def test_exhaustive_sweep_reports_the_race_on_the_same_outcomes(tmp_path, corpus, capsys):
+    assert cli.main(tune_args(corpus, tmp_path, "--exhaustive")) == 0
+    saved = json.loads((tmp_path / "tune.json").read_text())
+    assert saved["spend"]["per_candidate"] == [24] * 4 and saved["race"]["exhaustive"]
+    assert saved["spend"]["race_refinements"] <= 48
+    assert "the stop-early race on the same outcomes" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("phase", ["race", "test"])
+def test_ctrl_c_then_resume_reproduces_the_uninterrupted_run(tmp_path, corpus, monkeypatch, capsys, phase):
+    def args(out, *extra):  # 48 test tokens: two test windows
+        return tune_args(corpus, out, "--test-max-uncertain", "48", *extra)
+    assert cli.main(args(tmp_path / "full")) == 0
+    full = stable(tmp_path / "full")
+    # mid-token in the dev race, or in the second test window (32 tokens each, all uncertain here)
+    stop_at = 7 if phase == "race" else sum(full["per_candidate"]) + 40
+    real, calls = eval_text.refine_position, []
+
+    def ctrl_c(*args, **kwargs):  # Ctrl-C in the middle of a refinement, as a real one would land
+        calls.append(1)
+        if len(calls) == stop_at:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    out = tmp_path / "resumed"
+    monkeypatch.setattr(eval_text, "refine_position", ctrl_c)
+    assert cli.main(args(out)) == 130
+    saved = json.loads((out / "partial.json").read_text())["resume"]
+    if phase == "race":
+        assert 0 < saved["race"]["race"]["n_seen"] < 24 and not saved.get("test")
+    else:
+        assert saved["race"]["race"]["n_seen"] == 24 and saved["test"]["window"] == 0
+    assert not (out / "tune.json").exists()
+    monkeypatch.setattr(eval_text, "refine_position", real)
+    assert cli.main(args(out, "--resume")) == 0
+    assert "resuming" in capsys.readouterr().err
+    assert stable(out) == full
+    assert not (out / "partial.json").exists()
+
+
+def test_resume_refuses_another_run_and_names_the_field(tmp_path, corpus, monkeypatch, capsys):
+    real = eval_text.refine_position
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(eval_text, "refine_position", ctrl_c)
+    assert cli.main(tune_args(corpus, tmp_path)) == 130
+    monkeypatch.setattr(eval_text, "refine_position", real)
+    capsys.readouterr()
+    assert cli.main(tune_args(corpus, tmp_path, "--resume", "--alpha", "0.1")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--alpha" in err[0] and "0.05" in err[0]
+    assert cli.main(tune_args(corpus, tmp_path)) == 2  # neither --resume nor --overwrite: refused, not replaced
+    assert "--resume" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--modes", "sideways"], "--modes"),
+    (["--lrs", "1e-4,abc"], "--lrs"),
+    (["--budget-ratio", "0.5"], "--budget-ratio"),
+    (["--dev-fraction", "1.5"], "--dev-fraction"),
+    (["--preset", "gpt2"], "--preset"),
+    (["--params", "last:99"], "last:99"),
+    (["--threshold", "1e-12"], "no uncertain token"),
+])
+def test_bad_input_exits_2_with_one_line(tmp_path, corpus, argv, needle, capsys):
+    assert cli.main([*tune_args(corpus, tmp_path), *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0] and "error" in err[0]
+
+
+def test_resume_needs_out(capsys):
+    assert cli.main(["tune", "--model", "tiny-llama", "--resume"]) == 2
+    assert "--out" in capsys.readouterr().err
+
+
+def test_the_chosen_config_travels_with_save_pretrained_into_generate(tmp_path, corpus):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import focus_decoding
+
+    assert cli.main([*tune_args(corpus, tmp_path / "tune"), "--threshold", "1.0"]) == 0
+    cfg = FocusConfig.from_dict(json.loads((tmp_path / "tune" / "focus_config.json").read_text()))
+    model, _ = runs.load_model("tiny-llama")
+    model.generation_config.focus_config = cfg.to_dict()
+    # A generation config derived from the model config (tiny models; checkpoints without a
+    # generation_config.json) drops unknown keys when reloaded unless this flag is cleared.
+    model.generation_config._from_model_config = False
+    model.save_pretrained(tmp_path / "saved")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
+    assert FocusConfig.from_dict(reloaded.generation_config.focus_config) == cfg
+    ids = torch.tensor([[1, 40, 41, 42]])
+    kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+    out = focus_decoding.enable(reloaded).generate(ids, **kwargs)  # no focus_config passed: the stored one
+    expected = focus_decoding.focus_generate(model, ids, focus_config=cfg, **kwargs)
+    assert out.focus_stats.totals["refined"] == 4  # threshold 1.0: every step refined, so focus was on
+    assert torch.equal(out.sequences, expected.sequences)
+    assert out.focus_stats.totals == expected.focus_stats.totals
