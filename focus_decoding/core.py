@@ -267,12 +267,18 @@ def batched_sgd_steps(loss_fn: Callable, trainable: Mapping[str, Tensor], config
     return current
 
 
+def refined_values(forward: Forward, trainable: Mapping[str, Tensor], frozen: Mapping[str, Tensor],
+                   focus: Tensor, config: FocusConfig) -> dict[str, Tensor]:
+    """The ``trainable`` values after ``config.steps`` SGD steps on the focus loss of ``forward``'s logits."""
+    focus = as_normal_tensor(focus)  # gather saves the index for backward
+    loss_fn = lambda values: focus_loss(forward(values), focus, config.mode).sum()  # noqa: E731
+    return sgd_steps(loss_fn, trainable, frozen, config)
+
+
 def refine(forward: Forward, trainable: Mapping[str, Tensor], frozen: Mapping[str, Tensor],
            focus: Tensor, config: FocusConfig) -> Tensor:
     """``config.steps`` SGD steps on ``trainable`` for the focus loss; return the refined logits."""
-    focus = as_normal_tensor(focus)  # gather saves the index for backward
-    loss_fn = lambda values: focus_loss(forward(values), focus, config.mode).sum()  # noqa: E731
-    updated = sgd_steps(loss_fn, trainable, frozen, config)
+    updated = refined_values(forward, trainable, frozen, focus, config)
     with torch.no_grad():
         return forward({**frozen, **updated})
 

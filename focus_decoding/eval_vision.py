@@ -71,20 +71,3 @@ def _check_labels(labels: Tensor, logits: Tensor, index: int) -> Tensor:
         raise ValueError(f"labels must lie in [0, {n_classes - 1}] (the model has {n_classes} logits); batch {index} "
                          f"has labels in [{int(labels.min())}, {int(labels.max())}]")
     return labels
-
-
-# ----------------------------------------------------------------------------- moved
-_MOVED = {"run_eval_vision", "write_outputs"}
-
-
-def __getattr__(name: str):
-    """``run_eval_vision`` and ``write_outputs`` moved to ``cli_eval_vision`` (the job layer, which writes files).
-
-    Temporary forward for old imports (tests/test_vision.py, benchmarks/vision.py, the package's lazy
-    names); delete it once they import from ``focus_decoding.cli_eval_vision``.
-    """
-    if name in _MOVED:
-        from . import cli_eval_vision
-
-        return getattr(cli_eval_vision, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from . import core
 from .config import FocusConfig
-from .vision import FocusClassifier, logits_of
+from .vision import logits_of
 
 
 def require_gradcam():
@@ -47,13 +47,11 @@ def require_gradcam():
 def refined_parameters(view: nn.Module, image: Tensor, base: Tensor, config: FocusConfig) -> dict[str, Tensor]:
     """Every parameter value (by canonical name) after ``image``'s focus step; ``base`` = its unrefined logits [C].
 
-    The same calls as ``core.refine`` (which ``FocusClassifier`` runs), stopping before the refined forward.
+    ``core.refined_values`` is what ``core.refine`` (which ``FocusClassifier`` runs) steps with.
     """
     trainable, frozen = core.split_parameters(view, config.params)
     forward = core.model_forward(view, core.as_normal_tensor(image), select=lambda out: logits_of(out)[0])
-    focus = core.as_normal_tensor(core.focus_classes(base, config.n_focus))  # gather saves it for backward
-    loss_fn = lambda values: core.focus_loss(forward(values), focus, config.mode).sum()  # noqa: E731
-    return {**frozen, **core.sgd_steps(loss_fn, trainable, frozen, config)}
+    return {**frozen, **core.refined_values(forward, trainable, frozen, core.focus_classes(base, config.n_focus), config)}
 
 
 class _Logits(nn.Module):
@@ -140,7 +138,7 @@ def _batches(data: Any, batch_size: int):
 
 
 def gradcam_pairs(model: nn.Module, data: Any, config: FocusConfig | Mapping | None = None, *, n: int = 8,
-                  target_layer: str | None = None, batch_size: int = 64, max_batch: int = 8) -> list[CamPair]:
+                  target_layer: str | None = None, batch_size: int = 64) -> list[CamPair]:
     """GradCAM before/after the step for the first ``n`` uncertain images of ``data`` (finite refinements only).
 
     ``data``: a Dataset of (image, label) or an iterable of (images, labels) batches. ``target_layer``:
@@ -148,28 +146,34 @@ def gradcam_pairs(model: nn.Module, data: Any, config: FocusConfig | Mapping | N
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be an integer >= 1, got {n!r}")
-    clf = FocusClassifier(model, config, max_batch=max_batch)
-    cfg, layer = clf.config, target_layer or default_target_layer(model)
-    device = next(model.parameters()).device
+    cfg = FocusConfig() if config is None else FocusConfig.coerce(config)
+    layer = target_layer or default_target_layer(model)
+    view, device = core.module_view(model), next(model.parameters()).device
     pairs, seen = [], 0
     for images, labels in _batches(data, batch_size):
-        images = images.to(device)
-        base, out, gate = clf.classify(images)
+        images = core.as_normal_tensor(images.to(device))
+        with torch.no_grad():
+            base = logits_of(view(images))
+        gate = core.is_uncertain(base, cfg.threshold) & torch.isfinite(base).all(-1)  # FocusClassifier's gate
         for i in gate.nonzero().flatten().tolist():
-            if len(pairs) < n and bool(torch.isfinite(out[i]).all()):
-                pairs.append(_pair(model, images[i:i + 1], int(labels[i]), base[i], cfg, layer, seen + i))
+            pair = _pair(model, images[i:i + 1], int(labels[i]), base[i], cfg, layer, seen + i)
+            if pair is not None:  # an overflowed refinement has no map to show (FocusClassifier keeps the base)
+                pairs.append(pair)
+            if len(pairs) == n:
+                return pairs
         seen += images.shape[0]
-        if len(pairs) >= n:
-            break
     return pairs
 
 
-def _pair(model: nn.Module, image: Tensor, label: int, base: Tensor, cfg: FocusConfig, layer: str, index: int) -> CamPair:
-    """Refine one image and compute both maps."""
+def _pair(model: nn.Module, image: Tensor, label: int, base: Tensor, cfg: FocusConfig, layer: str,
+          index: int) -> CamPair | None:
+    """Refine one image and compute both maps; None if the refined logits overflow."""
     before_view = bound_view(model)
     after_view = bound_view(model, refined_parameters(core.module_view(model), image, base, cfg))
     with torch.no_grad():
         after = logits_of(after_view(image))[0]
+    if not bool(torch.isfinite(after).all()):
+        return None
     before_top, after_top = _top2(base), _top2(after)
     cam_b = class_activation_maps(before_view, image, [before_top[0][0]], layer)[0]
     cam_a = class_activation_maps(after_view, image, [after_top[0][0]], layer)[0]

@@ -225,7 +225,7 @@ def test_model_untouched_also_after_errors(monkeypatch):
 @pytest.mark.filterwarnings("ignore:There is a performance drop")  # vmap over sdpa runs a per-sample loop
 @pytest.mark.parametrize("arch,steps,params,rule", [
     ("gpt2", 1, "all", dict(lr=0.5)), ("llama", 2, "last:1", dict(lr=0.5)),
-    ("llama", 1, "all", NORMALIZED), ("gpt2", 2, "last:1", NORMALIZED)])
+    ("llama", 1, "all", NORMALIZED), ("gpt2", 3, "last:1", NORMALIZED)])
 def test_batched_positions_equal_one_by_one(arch, steps, params, rule):
     # float64 (tiny_lm64: sdpa for llama, whose eager attention takes its softmax in float32): the
     # batched path runs every position on the longest context, the single path on its own, so float32
@@ -297,5 +297,7 @@ def test_default_model_on_bundled_sample(default_model):
                             config.lr, config.steps)
     trainable, frozen = core.split_parameters(model, config.params)
     got = refine_position(model, stream, logits[t], t, trainable, frozen, config)
-    torch.testing.assert_close(got.logits, expected, rtol=1e-3, atol=1e-3)
-    assert got.logits.argmax() == expected.argmax()
+    torch.testing.assert_close(got.logits, expected, rtol=1e-3, atol=1e-3)  # float32 on a real model: one small step
+    top2 = expected.topk(2).values
+    if top2[0] - top2[1] > 1e-2:  # a near tie may go either way in float32; otherwise the same prediction
+        assert got.logits.argmax() == expected.argmax()

@@ -126,3 +126,29 @@ def test_write_gradcam_files(tiny, tmp_path):
     assert "png" not in paths and json.loads(paths["json"].read_text())["images"] == []
     with pytest.raises(ValueError, match="n must be"):
         gradcam_pairs(model, [(x, y)], STEP, n=0)
+
+
+def test_missing_grad_cam_says_how_to_install(tiny, monkeypatch):
+    import sys
+
+    model, x, _ = tiny
+    monkeypatch.setitem(sys.modules, "pytorch_grad_cam", None)  # as if not installed
+    with pytest.raises(ImportError, match=r"focus-decoding\[gradcam\]"):
+        class_activation_maps(bound_view(model), x, [0, 1, 2, 3], "features.3")
+
+
+def test_picks_the_images_the_classifier_gates(tiny):
+    """Only gated images, in data order, indices counted across batches."""
+    model, _, _ = tiny
+    x = torch.rand(12, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        gaps = core.top2_gap(model(x))
+    cfg = FocusConfig(threshold=float(gaps.median()), lr=0.5)  # about half the images gated
+    _, _, gate = FocusClassifier(model, cfg).classify(x)
+    expected = gate.nonzero().flatten().tolist()
+    assert 2 <= len(expected) < 12
+    batches = [(x[:5], torch.zeros(5, dtype=torch.long)), (x[5:], torch.ones(7, dtype=torch.long))]
+    pairs = gradcam_pairs(model, batches, cfg, n=12)
+    assert [p.index for p in pairs] == expected
+    assert [p.label for p in pairs] == [int(i >= 5) for i in expected]
+    assert [p.index for p in gradcam_pairs(model, batches, cfg, n=2)] == expected[:2]

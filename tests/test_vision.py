@@ -18,7 +18,8 @@ from conftest import need
 from reference import assert_exact, first_step_eta, naive_refine, normalized_lr
 
 torchvision = need("torchvision", "(the vision extra)", module_level=True)  # CI installs it: never skipped there
-from focus_decoding.eval_vision import evaluate_classifier, run_eval_vision  # noqa: E402
+from focus_decoding.cli_eval_vision import run_eval_vision  # noqa: E402
+from focus_decoding.eval_vision import evaluate_classifier  # noqa: E402
 from focus_decoding.vision import (DigitsNet, FocusClassifier, digits_arrays, load_classifier,  # noqa: E402
                                    load_image_dataset, train_digits)
 
@@ -398,3 +399,18 @@ def test_run_eval_vision_with_own_module_and_dataset():
         run_eval_vision(model, data, batch_size=0, progress=False)
     train, test = load_image_dataset("digits", split="train"), load_image_dataset("digits")
     assert len(train) + len(test) == 1797 and test[0][0].shape == (1, 8, 8)
+
+
+def test_nonfinite_images_are_counted_and_warned_once():
+    # a NaN or inf pixel makes that image's logits NaN: never gated or refined, counted, and said once
+    torch.manual_seed(0)
+    clf = FocusClassifier(DigitsNet().eval(), FocusConfig(threshold=1.0, lr=1e-2), method="loop")
+    images = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    images[1, 0, 3, 3] = float("nan")
+    images[2, 0, 0, 0] = float("inf")
+    with pytest.warns(RuntimeWarning, match="2 image") as caught:
+        out = clf(images)
+        clf(images)
+    assert len([w for w in caught if "NaN or inf" in str(w.message)]) == 1  # once per classifier, not per call
+    assert clf.stats.nonfinite_inputs == 2 and clf.stats.gated == clf.stats.refined == 2
+    assert torch.isfinite(out[[0, 3]]).all()

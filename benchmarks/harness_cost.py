@@ -1,6 +1,6 @@
 """Plain vs focus on the local multiple-choice task with the embedded model: accuracy, flips, seconds per request.
 
-Run from the repository root: ``python tests/data/lm_eval/measure.py [OUT.json]``. The model is
+Run from the repository root: ``python benchmarks/harness_cost.py [OUT.json]``. The model is
 loaded once and handed to the harness's own ``HFLM`` (plain) and to ``FocusLM`` (iFo, doFo), so
 only the evaluation is timed. Numbers equal ``python -m focus_decoding.harness --model focus-hf
 --model_args pretrained=default,... --tasks focus_local_mc --include_path tests/data/lm_eval``.
