@@ -7,7 +7,7 @@ Layout, read top-down: ``config`` (FocusConfig) -> ``core`` (the method) -> adap
 """
 from .config import PRESETS, FocusConfig
 from .core import focus_classes, focus_loss, focus_step, is_uncertain, refine, sgd_steps, split_parameters, top2_gap
-from .decoding import disable, enable, focus_generate, generate, is_enabled, last_focus_stats
+from .decoding import disable, enable, focus_generate, generate, is_enabled, last_focus_stats, set_focus_config
 from .generation import FocusLogitsProcessor, FocusStats
 from .models import load_default_model
 from .report import FocusReport, markdown_table
@@ -25,7 +25,7 @@ _LAZY = {
 }
 
 __all__ = ["FocusConfig", "PRESETS", "FocusReport", "markdown_table", "FocusLogitsProcessor", "FocusStats",
-           "enable", "disable", "is_enabled", "generate", "focus_generate", "last_focus_stats", "load_default_model", "focus_classes", "focus_loss", "focus_step", "is_uncertain",
+           "enable", "disable", "is_enabled", "generate", "focus_generate", "last_focus_stats", "set_focus_config", "load_default_model", "focus_classes", "focus_loss", "focus_step", "is_uncertain",
            "refine", "sgd_steps", "split_parameters", "top2_gap", *_LAZY]
 __version__ = "0.2.0"
 

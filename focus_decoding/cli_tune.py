@@ -63,9 +63,9 @@ def run(args: argparse.Namespace, config: FocusConfig) -> int:
     runs.check_partials(out, resume=args.resume, overwrite=args.overwrite)
     texts = data.load_texts(args.dataset, split=args.split, max_texts=args.max_texts)  # before the slow model load
     dev, test = data.split_dev_test(texts, dev_fraction=args.dev_fraction, seed=args.seed)
+    candidates = grid_from_args(args, config)
     device = runs.resolve_device(args.device)
     model, tokenizer = runs.load_model(args.model, device=device, seed=args.seed)
-    candidates = grid_from_args(args, config)
     for cfg in candidates:
         runs.check_model_fits(model, cfg, args.context_length, f"--context-length {args.context_length}")
     fp = run_fingerprint(args, candidates, tokenizer, texts)

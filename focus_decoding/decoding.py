@@ -231,13 +231,24 @@ def enable(model: nn.Module, focus_config: FocusConfig | Mapping[str, Any] | Non
         raise ValueError(f"model must have a generate method (a transformers model), got {type(model).__name__}")
     check_decoder_only(model)
     if focus_config is not None:
-        model.generation_config.focus_config = FocusConfig.coerce(focus_config).to_dict()
+        set_focus_config(model.generation_config, focus_config)
     if not is_enabled(model):
         # keep an instance-level generate someone else installed; None means the class's own
         model.__dict__["_focus_previous_generate"] = model.__dict__.get("generate")
         # a bound method (not a closure) so deepcopy/pickle rebind it to the copy
         model.__dict__["generate"] = types.MethodType(_enabled_generate, model)
     return model
+
+
+def set_focus_config(generation_config, focus_config: FocusConfig | Mapping[str, Any]) -> None:
+    """Store ``focus_config`` on a ``GenerationConfig`` so that ``save_pretrained`` keeps it.
+
+    A generation config derived from the model config (``_from_model_config``) loses every extra key
+    when it is loaded again; once it holds a setting of its own it is no longer that, as transformers'
+    own trainers mark it.
+    """
+    generation_config.focus_config = FocusConfig.coerce(focus_config).to_dict()
+    generation_config._from_model_config = False
 
 
 def disable(model: nn.Module) -> nn.Module:

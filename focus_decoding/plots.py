@@ -18,7 +18,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only: works on servers and in CI without a display
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .report import FocusReport  # noqa: E402
+from .report import FocusReport, step_label  # noqa: E402
 
 MODE_LABEL = {"ifo": "iFo (raise focus logits)", "dofo": "doFo (lower other logits)"}
 
@@ -68,9 +68,9 @@ def plot_report(report: FocusReport, path) -> Path:
     bars = right.bar(labels, values, color=["tab:green", "tab:red", "tab:gray"])
     right.bar_label(bars)
     right.set_ylabel("predictions")
-    lr = report.config.get("lr")
+    step = step_label(report.config)
     right.set_title(f"{report.name or 'refinement'}: Δ_Corr {report.delta_corr:+d} of {report.n_uncertain} uncertain\n"
-                    f"(p = {report.p_value:.3g}{f', lr = {lr:g}' if lr else ''})", fontsize=10)
+                    f"(p = {report.p_value:.3g}{f', {step}' if step else ''})", fontsize=10)
     return _save(fig, path)
 
 

@@ -12,6 +12,8 @@ from typing import Any, Mapping, Sequence
 
 from torch import Tensor
 
+from .config import FocusConfig
+
 # outcome of one uncertain prediction: unmodified -> refined
 CO_CO, WR_CO, CO_WR, WR_SAME, WR_OTHER = "0", "1", "2", "3", "4"
 TOPK_THRESHOLDS = (0.01, 0.04, 0.1, 1.0)  # the method's Figure 3 uses 0.01, 0.1 and 1.0
@@ -207,13 +209,18 @@ def jsonable(x: Any) -> Any:
     return x
 
 
+def step_label(config: Mapping[str, Any]) -> str:
+    """A report's step in a few characters (``lr=0.0001`` or ``tau=0.5``); empty without a config."""
+    return FocusConfig.from_dict(config).step_size_label if config else ""
+
+
 def markdown_table(reports: Sequence[FocusReport]) -> str:
-    """The method's table layout: data set, model, fraction uncertain, |D_te,1,2|, lr, accuracies, Δ, p."""
-    rows = ["| data set | model | uncertain % | n uncertain | lr | base acc % | focus acc % | Δ acc (pp) | Δ corr | p-value |",
+    """The method's table layout: data set, model, fraction uncertain, |D_te,1,2|, step, accuracies, Δ, p."""
+    rows = ["| data set | model | uncertain % | n uncertain | step | base acc % | focus acc % | Δ acc (pp) | Δ corr | p-value |",
             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in reports:
         rows.append(
             f"| {r.meta.get('dataset', '')} | {r.meta.get('model', r.name)} | {100 * r.fraction_uncertain:.1f} | "
-            f"{r.n_uncertain} | {r.config.get('lr', float('nan')):.3g} | {r.base_accuracy:.2f} | "
+            f"{r.n_uncertain} | {step_label(r.config)} | {r.base_accuracy:.2f} | "
             f"{r.focus_accuracy:.2f} | {r.delta_acc:+.2f} | {r.delta_corr:+d} | {r.p_value:.3g} |")
     return "\n".join(rows)

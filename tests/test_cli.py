@@ -325,3 +325,12 @@ def test_gguf_file_as_model(default_model, tmp_path, monkeypatch):
     record = json.loads((tmp_path / "generate.json").read_text())
     expected = ref_model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=ref_tok.pad_token_id)
     assert record["plain_ids"] == expected[0, ids.shape[1]:].tolist()
+
+
+def test_eval_text_with_the_normalized_step_writes_its_table(tmp_path, corpus):
+    # the table and figure name the step by its rule: a normalized config has no lr to print
+    args = ["eval-text", *TINY, "--dataset", corpus, "--context-length", "8", "--max-uncertain", "4",
+            "--threshold", "1.0", "--tau", "0.5", "--out", str(tmp_path)]
+    assert cli.main(args) == 0
+    assert "tau=0.5" in (tmp_path / "eval_text.md").read_text()
+    assert json.loads((tmp_path / "eval_text.json").read_text())["config"]["step_rule"] == "normalized"

@@ -145,10 +145,7 @@ def test_the_chosen_config_travels_with_save_pretrained_into_generate(tmp_path, 
     assert cli.main([*tune_args(corpus, tmp_path / "tune"), "--threshold", "1.0"]) == 0
     cfg = FocusConfig.from_dict(json.loads((tmp_path / "tune" / "focus_config.json").read_text()))
     model, _ = runs.load_model("tiny-llama")
-    model.generation_config.focus_config = cfg.to_dict()
-    # A generation config derived from the model config (tiny models; checkpoints without a
-    # generation_config.json) drops unknown keys when reloaded unless this flag is cleared.
-    model.generation_config._from_model_config = False
+    focus_decoding.set_focus_config(model.generation_config, cfg)  # the README's recipe
     model.save_pretrained(tmp_path / "saved")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
     assert FocusConfig.from_dict(reloaded.generation_config.focus_config) == cfg

@@ -249,3 +249,18 @@ def test_embedded_model_through_the_folder_and_the_callable(default_model, asser
         via_callable = model.generate(**ids, custom_generate=focus_decoding.generate, focus_config=cfg, **kw)
         assert torch.equal(via_callable.sequences, expected.sequences)
     check()
+
+
+def test_a_stored_config_survives_save_and_load(tiny_lm, tmp_path):
+    # a generation config derived from the model config drops unknown keys on reload unless it is marked as its own
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_lm("llama", tied=False)
+    assert model.generation_config._from_model_config  # the case that loses keys
+    expected = focus_generate(model, PROMPTS, attention_mask=MASK, focus_config=CFG, max_new_tokens=3, pad_token_id=0)
+    focus_decoding.set_focus_config(model.generation_config, CFG)
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert FocusConfig.coerce(reloaded.generation_config.focus_config) == CFG
+    out = enable(reloaded).generate(PROMPTS, attention_mask=MASK, max_new_tokens=3, pad_token_id=0)
+    assert torch.equal(out, expected)
