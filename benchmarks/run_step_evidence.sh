@@ -21,4 +21,4 @@ $E --corpus wiki --split dev,test --selectors "all,last:8,*norm*,model.embed_tok
 $E --model gemma3-270m --corpus wiki --split dev,test --selectors last:2 --lrs "" --taus 0.3,1,3 --max-uncertain 80 \
    --check 1 --tag grid
 # all parameters: the fixed lr the issue measured (1e-4) against two taus, on the same positions
-$E --corpus wiki --split dev,test --selectors all --lrs 1e-4 --taus 1,3 --max-uncertain 120 --check 1 --tag all
+$E --corpus wiki --split dev,test --selectors all --lrs 1e-4 --taus 1,3 --max-uncertain 220 --check 1 --tag all

@@ -82,13 +82,16 @@ class ExactRMSNorm(nn.Module):
         return self.weight * (hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
 
 
-def tiny_lm64(arch="llama", *, tied=True, layers=4, attn="sdpa", seed=0):
+def tiny_lm64(arch="llama", *, tied=True, layers=4, attn=None, seed=0):
     """``tiny_causal_lm(...).double()`` with no float32 islands, for exact comparisons.
 
-    Llama/Qwen2 norms are swapped for ``ExactRMSNorm``, and the default attention is sdpa (the eager
-    Llama/Qwen2 attention takes its softmax in float32). What stays float32 is the rotary table, a
-    function of the positions alone, computed identically by every path.
+    Llama/Qwen2 norms are swapped for ``ExactRMSNorm``, and their default attention is sdpa (the eager
+    Llama/Qwen2 attention takes its softmax in float32). GPT-2's eager attention stays in float64 and
+    is the default there (transformers 4.46's sdpa mask for padded GPT-2 inputs overflows in float64).
+    What stays float32 is the rotary table, a function of the positions alone, computed identically
+    by every path.
     """
+    attn = attn or ("eager" if arch == "gpt2" else "sdpa")
     model = tiny_causal_lm(arch, tied=tied, layers=layers, attn=attn, seed=seed).double()
     for name, module in list(model.named_modules()):
         if type(module).__name__.endswith("RMSNorm"):
