@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from focus_decoding import core, eval_text, plots
-from focus_decoding.cli import DEFAULT_MODEL, load_model, run_metadata
+from focus_decoding.runs import DEFAULT_MODEL, load_model, run_metadata
 from focus_decoding.report import jsonable as _jsonable
 from focus_decoding.config import FocusConfig
 from focus_decoding.report import FocusReport

@@ -7,7 +7,7 @@ E=".venv/bin/python benchmarks/step_evidence.py run --out results/evidence --log
 mkdir -p results/evidence
 # 3a: ||g||^2 spread for all and last:2 (the gradient only, no refined forward)
 $E --corpus wiki --split dev --selectors all,last:2 --lrs "" --taus "" --max-uncertain 100 --tag sq
-$E --corpus kjv --split dev --selectors all,last:2 --lrs "" --taus "" --max-uncertain 50 --tag sq
+$E --corpus kjv --split dev --selectors all,last:2 --lrs "" --taus "" --max-uncertain 100 --tag sq
 # 3b: last:2, fixed lr grid vs tau grid, 3 corpora, dev and test
 $E --corpus wiki,kjv,shakespeare --split dev,test --selectors last:2 --lrs 1e-4,1e-3,1e-2 --taus 0.3,1,3,10 \
    --max-uncertain 250 --check 3 --tag grid

@@ -327,6 +327,11 @@ def summarize(paths: Sequence[Path]) -> dict:
     return {"entries": out}
 
 
+def shown(selector: str) -> str:
+    """A selector as a markdown table cell (``a|b`` patterns as ``a, b``)."""
+    return selector.replace("|", ", ")
+
+
 def markdown(result: dict) -> str:
     """The tables of EVIDENCE.md: ||g||^2 spread, every point on dev/test, the dev choice and its transfer."""
     lines = []
@@ -338,13 +343,13 @@ def markdown(result: dict) -> str:
     for e in sq:
         for sp, v in e["sq"].items():
             if v.get("n"):
-                lines.append(f"| {e['model']} | {e['corpus']} | {e['params']} | {sp} | {v['n']} | " +
+                lines.append(f"| {e['model']} | {e['corpus']} | {shown(e['params'])} | {sp} | {v['n']} | " +
                              " | ".join(f"{v[k]:.3g}" for k in ("min", "p5", "p25", "median", "p75", "p95", "max")) + " |")
     for e in entries:
         if not any(e["points"].get(sp) for sp in e["points"]):
             continue
         keys = list(next(iter(e["points"].values())).keys())
-        lines += ["", f"### {e['model']} / {e['corpus']} / params={e['params']}", "",
+        lines += ["", f"### {e['model']} / {e['corpus']} / params={shown(e['params'])}", "",
                   "| step | dev Δ_Corr (w→c:c→w) | dev p | test Δ_Corr (w→c:c→w) | test p |", "|---|---:|---:|---:|---:|"]
         for k in keys:
             d, t = e["points"].get("dev", {}).get(k), e["points"].get("test", {}).get(k)
@@ -377,7 +382,7 @@ def pooled_table(entries: Sequence[dict]) -> str:
             groups.setdefault((e["model"], e["params"], e["tag"]), []).append(e)
     for (model, params, _), es in groups.items():
         corpora = ", ".join(e["corpus"] for e in es)
-        out += ["", f"### pooled over {corpora} ({model}, params={params})", "",
+        out += ["", f"### pooled over {corpora} ({model}, params={shown(params)})", "",
                 "| step | dev Δ_Corr (p) | test Δ_Corr (p) | dev+test Δ_Corr (w→c:c→w, p) | argmax changed |",
                 "|---|---:|---:|---:|---:|"]
         keys = list(next(iter(es[0]["points"].values())).keys())
@@ -408,7 +413,7 @@ def transfer_table(entries: Sequence[dict]) -> str:
         for rule in ("lr", "tau"):
             if not all(rule in e["chosen"] for e in es):
                 continue
-            out += ["", f"### transfer of the dev choice ({model}, params={params}, rule {rule})", "",
+            out += ["", f"### transfer of the dev choice ({model}, params={shown(params)}, rule {rule})", "",
                     "| chosen on (dev) | step | " + " | ".join(f"test {e['corpus']}" for e in es) + " | pooled test |",
                     "|---|---|" + "---:|" * (len(es) + 1)]
             for src in es:

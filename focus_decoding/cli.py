@@ -23,7 +23,6 @@ import torch
 from . import cli_eval_text, cli_eval_vision, cli_export, cli_generate, cli_tune
 from .config import MODES, PRESETS, STEP_RULES, FocusConfig
 from .runs import DEFAULT_MODEL, TINY_MODELS, is_default_model, nonnegative_int, world_size
-from .runs import CliError, load_model, run_metadata, write_results  # noqa: F401 - their old home: benchmarks import them here
 
 JOBS = {"generate": (cli_generate, "plain vs focus greedy continuation of a prompt"),
         "eval-text": (cli_eval_text, "next-token accuracy on the uncertain positions of a text set"),
@@ -54,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threshold", type=float, default=None, help="refine when p(top1)-p(top2) < threshold (0.04)")
     g.add_argument("--n-focus", type=int, default=None, help="size of the focus set (2)")
     g.add_argument("--steps", type=int, default=None, help="SGD steps per refinement (1)")
-    g.add_argument("--params", default=None, help="'all', 'last:N' or comma-separated name patterns")
+    g.add_argument("--params", default=None, help="'all', 'last:N' or comma-separated name patterns (tune: "
+                   "comma-separated selectors to search, '+' joining the patterns of one; default last:2)")
     g.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="per-model learning rate of the method (default for the embedded model: smollm2-135m)")
     g.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the dev/test split and of tiny models")

@@ -37,9 +37,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--context-length", type=positive_int, default=128)
     parser.add_argument("--modes", type=_modes, default=None, help="comma-separated: ifo,dofo (default: --mode)")
     parser.add_argument("--lrs", type=runs.lr_grid, default=None, metavar="GRID",
-                        help=f"fixed-rule learning rates (default: {','.join(f'{x:g}' for x in tuning.DEFAULT_LRS)})")
+                        help="fixed-rule learning rates (default, when neither --lrs nor --taus is given: "
+                             f"{','.join(f'{x:g}' for x in tuning.DEFAULT_LRS)})")
     parser.add_argument("--taus", type=_tau_grid, default=None, metavar="GRID",
-                        help="normalized-rule taus (default: none)")
+                        help="normalized-rule taus (default, when neither --lrs nor --taus is given: "
+                             f"{','.join(f'{x:g}' for x in tuning.DEFAULT_TAUS)})")
     parser.add_argument("--dev-max-uncertain", type=nonnegative_int, default=tuning.DEFAULT_DEV_MAX_UNCERTAIN,
                         help="uncertain dev tokens the race runs on (0 = all)")
     parser.add_argument("--test-max-uncertain", type=nonnegative_int, default=tuning.DEFAULT_TEST_MAX_UNCERTAIN,

@@ -14,6 +14,7 @@ import collections
 import contextlib
 import fnmatch
 import functools
+import inspect
 import types
 import warnings
 import weakref
@@ -323,6 +324,18 @@ def focus_step(forward: Forward, logits: Tensor, trainable: Mapping[str, Tensor]
         return StepResult(logits, False, False, False, False)
     focus = focus_classes(logits, config.n_focus)
     return step_result(logits, refine(forward, trainable, frozen, focus, config))
+
+
+def last_logits_kwargs(model: nn.Module) -> dict[str, int]:
+    """Ask for the last position's logits only, where the model's forward allows it (same values, less work)."""
+    try:
+        names = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    for name in ("logits_to_keep", "num_logits_to_keep"):  # renamed in transformers 4.50
+        if name in names:
+            return {name: 1}
+    return {}
 
 
 def model_forward(model: nn.Module, *args, select: Callable[[object], Tensor] = lambda out: out, **kwargs) -> Forward:

@@ -159,7 +159,8 @@ def refine_position(model, ids: Tensor, logits_t: Tensor, t: int, trainable, fro
     if kept is not None:
         n, states = kept
         return core.focus_step(prefix.top_forward(model, n, states[:, :t + 1]), logits_t, trainable, frozen, config)
-    forward = core.model_forward(model, ids[:, :t + 1], use_cache=False, select=lambda o: o.logits[0, -1])
+    forward = core.model_forward(model, ids[:, :t + 1], use_cache=False, select=lambda o: o.logits[0, -1],
+                                 **core.last_logits_kwargs(model))
     return core.focus_step(forward, logits_t, trainable, frozen, config)
 
 

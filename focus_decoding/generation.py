@@ -6,14 +6,12 @@ callable, ``enable``) live in ``focus_decoding.decoding``.
 """
 from __future__ import annotations
 
-import inspect
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
 import torch
 from torch import Tensor, nn
 from transformers import LogitsProcessor
-from transformers.utils import ModelOutput
 
 from . import core, prefix
 from .config import FocusConfig
@@ -107,7 +105,7 @@ class FocusLogitsProcessor(LogitsProcessor):
         # selected once per processor: the parameter split is the same at every position
         self.trainable, self.frozen = core.split_parameters(self.view, self.config.params)
         self.stats = FocusStats()
-        self._keep = _logits_to_keep_kwarg(model)
+        self._keep = core.last_logits_kwargs(model)
         self._mask_cache: Tensor | None = None
         # cached-prefix fast path (focus_decoding.prefix): focus_decoding.decoding sets a HiddenRecorder here
         self.recorder: prefix.HiddenRecorder | None = None
@@ -217,15 +215,3 @@ def check_mode(gen_config: Any, overrides: Mapping[str, Any], assistant_model: A
     if groups is not None and groups > 1:
         raise ValueError("focus_config is not supported with group/diverse beam search (num_beam_groups > 1); "
                          "supported: greedy, sampling, beam search")
-
-
-def _logits_to_keep_kwarg(model: nn.Module) -> dict[str, int]:
-    """Ask for the last position's logits only, where the model's forward allows it (same values)."""
-    try:
-        names = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return {}
-    for name in ("logits_to_keep", "num_logits_to_keep"):
-        if name in names:
-            return {name: 1}
-    return {}

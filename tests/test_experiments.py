@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from focus_decoding import core, eval_text
-from focus_decoding.cli import load_model
+from focus_decoding.runs import load_model
 from focus_decoding.config import FocusConfig
 
 ROOT = Path(__file__).resolve().parents[1]

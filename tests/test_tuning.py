@@ -129,7 +129,7 @@ def trained():
     return model.eval(), tok
 
 
-GRID = dict(lrs=[1e-6, 30.0], params=["last:1", "all"], threshold=0.5)  # a step that does nothing vs one that wrecks
+GRID = dict(lrs=[1e-6, 30.0], taus=[], params=["last:1", "all"], threshold=0.5)  # a no-op step vs a wrecking one
 
 
 @pytest.fixture(scope="module")
