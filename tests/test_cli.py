@@ -138,6 +138,34 @@ def test_interrupt_then_resume_equals_uninterrupted(signum, tmp_path, corpus, mo
     assert not (out / "partial.json").exists()
 
 
+KILL_AFTER_FIRST_WINDOW = """
+import os, signal, sys
+from focus_decoding import cli, eval_text
+real = eval_text.evaluate_next_token
+def killed(*args, on_window=None, **kwargs):
+    def stop(index, report):
+        on_window(index, report)  # the window is saved; then the process dies without any cleanup
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(*args, on_window=stop, **kwargs)
+eval_text.evaluate_next_token = killed
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_kill_9_then_resume_equals_uninterrupted(tmp_path, corpus):
+    # kill -9 runs no handler at all: only the atomic per-window partial file can save the run
+    common = ["eval-text", *TINY, "--dataset", corpus, "--context-length", "4", "--max-uncertain", "12",
+              "--threshold", "0.04", "--lr", "30"]
+    assert cli.main([*common, "--out", str(tmp_path / "full")]) == 0
+    out = tmp_path / "killed"
+    proc = subprocess.run([sys.executable, "-c", KILL_AFTER_FIRST_WINDOW, *common, "--out", str(out)],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert json.loads((out / "partial.json").read_text())["window"] == 0
+    assert cli.main([*common, "--out", str(out), "--resume"]) == 0
+    assert totals(load_report(out / "eval_text.json")) == totals(load_report(tmp_path / "full" / "eval_text.json"))
+
+
 RESUME_BASE = {"--model": "tiny-llama", "--context-length": "4", "--lr": "30", "--split": "train", "--mode": "ifo"}
 
 
