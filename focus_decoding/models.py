@@ -46,10 +46,30 @@ def load_causal_lm(name_or_path, dtype: torch.dtype = torch.float32, **kwargs):
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
     dtype_key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"  # renamed in 5.0
     model = AutoModelForCausalLM.from_pretrained(name_or_path, **{dtype_key: dtype}, **kwargs)
+    if kwargs.get("gguf_file"):
+        tie_missing_gguf_head(model, Path(name_or_path) / kwargs["gguf_file"])
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"  # decoder-only batches are left-padded for generation
     return model.eval(), tokenizer
+
+
+def tie_missing_gguf_head(model, gguf_path) -> bool:
+    """Tie the output head to the input embedding when the GGUF file has no output tensor; True if it did.
+
+    A GGUF file of a tied model (SmolLM2, Gemma) stores the embedding only. transformers 5 ties the head on
+    load; 4.x (at least 4.46 - 4.52) leaves it randomly initialised, so the model would emit noise.
+    """
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is None or embedding is None or head.weight is embedding.weight or not Path(gguf_path).is_file():
+        return False
+    from gguf import GGUFReader
+
+    if any(t.name == "output.weight" for t in GGUFReader(str(gguf_path)).tensors):
+        return False  # an untied model: its head is in the file
+    model.config.tie_word_embeddings = True
+    head.weight = embedding.weight
+    return True
 
 
 def _resolve_source(name_or_path, kwargs: dict) -> tuple[str | Path, dict]:

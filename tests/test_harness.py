@@ -94,7 +94,9 @@ def evaluate(lm, tasks: TaskManager, names: list[str]) -> dict:
 
 # ----------------------------------------------------------------------------- direct computations
 def encode(tok, text: str) -> list[int]:
-    return tok(text, add_special_tokens=False)["input_ids"]
+    # With the tokenizer's own special tokens, as HFLM encodes for scoring: transformers 4.46's GGUF
+    # tokenizer of the embedded model adds a BOS token, 5.x's does not, the tiny tokenizers never do.
+    return tok(text)["input_ids"]
 
 
 def direct_loglikelihood(model, context: list[int], continuation: list[int], config: FocusConfig) -> tuple[float, bool]:
