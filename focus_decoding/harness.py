@@ -71,7 +71,7 @@ class FocusLM(HFLM):
         self.focus_config = build_config(focus_fields, preset, focus_config)
         kwargs.setdefault("device", "cuda" if torch.cuda.is_available() else "cpu")  # HFLM's default: cuda
         super().__init__(pretrained=pretrained, **kwargs)
-        if isinstance(pretrained, str) and kwargs.get("gguf_file"):  # transformers 4.x leaves a tied GGUF head random
+        if isinstance(pretrained, str) and kwargs.get("gguf_file"):  # transformers 4.46 leaves a tied GGUF head random
             models.tie_missing_gguf_head(self.model, Path(pretrained) / kwargs["gguf_file"])
         if self.backend != "causal":
             raise ValueError(f"{NAME} supports decoder-only (causal) models; this one is {self.backend}")

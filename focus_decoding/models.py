@@ -58,7 +58,7 @@ def tie_missing_gguf_head(model, gguf_path) -> bool:
     """Tie the output head to the input embedding when the GGUF file has no output tensor; True if it did.
 
     A GGUF file of a tied model (SmolLM2, Gemma) stores the embedding only. transformers 5 ties the head on
-    load; 4.x (at least 4.46 - 4.52) leaves it randomly initialised, so the model would emit noise.
+    load, as does 4.57; 4.46 leaves it randomly initialised, so the model would emit noise.
     """
     head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
     if head is None or embedding is None or head.weight is embedding.weight or not Path(gguf_path).is_file():

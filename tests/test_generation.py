@@ -428,7 +428,7 @@ def test_finished_rows_are_not_refined(tiny_lm):
 # ----------------------------------------------------------------------------- the real model
 @pytest.mark.default_model
 def test_default_model_is_the_real_model(default_model):
-    # The GGUF file stores the embedding only (tied head). transformers 4.46 - 4.5x leave the head randomly
+    # The GGUF file stores the embedding only (tied head). transformers 4.46 leaves the head randomly
     # initialised on load; the loader must tie it, or every result on the embedded model is noise.
     model, tok = default_model
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
