@@ -100,7 +100,7 @@ def run_fingerprint(args: argparse.Namespace, config: FocusConfig, tokenizer, te
     fields = {"--model": runs.model_identity(args.model)}
     if args.model in runs.TINY_MODELS:
         fields["--seed"] = args.seed  # the tiny models' random weights come from it
-    fields.update({"--dataset": _dataset_identity(args.dataset), "--split": args.split, "--max-texts": args.max_texts,
+    fields.update({"--dataset": runs.dataset_identity(args.dataset), "--split": args.split, "--max-texts": args.max_texts,
                    "data (token stream sha256)": stream_digest(tokenizer, texts),
                    "--context-length": args.context_length, "--stride": args.stride or args.context_length,
                    **runs.config_fingerprint(config), "shard (rank/world)": f"{rank}/{world}"})
@@ -112,13 +112,6 @@ def stream_digest(tokenizer, texts: list[str]) -> str:
     from .eval_text import tokenize_stream
 
     return hashlib.sha256(tokenize_stream(tokenizer, texts).numpy().tobytes()).hexdigest()[:16]
-
-
-def _dataset_identity(spec: str | None) -> str:
-    if spec is None:
-        return "bundled-sample"
-    path = Path(spec).expanduser()
-    return str(path.resolve()) if path.exists() else spec
 
 
 def _discard(found: list[Path], out: Path, rank: int, world: int) -> None:

@@ -55,9 +55,11 @@ def run(args: argparse.Namespace, config: FocusConfig) -> int:
     except (RuntimeError, pickle.UnpicklingError, KeyError, EOFError) as err:  # weights not cached, not a checkpoint
         source = f"--model {name!r}" + (f" with --checkpoint {args.checkpoint!r}" if args.checkpoint else "")
         raise runs.CliError(f"{source} cannot be loaded ({type(err).__name__}: {err})") from err
-    reports = run_eval_vision(model.to(device), data=args.data, config=config, batch_size=args.batch_size,
-                              max_samples=args.max_samples, progress=not args.no_progress, weights=args.weights,
-                              root=args.root, model_name=name)
+    model = model.to(device)
+    data = _dataset(name, args)  # loaded once: the evaluation and --gradcam see the same images
+    reports = run_eval_vision(model, data=data, config=config, batch_size=args.batch_size,
+                              max_samples=args.max_samples, progress=not args.no_progress,
+                              model_name=name, data_name=args.data or "digits")
     meta = runs.run_metadata(args.seed, device, model=args.model, dataset=args.data)
     for r in reports:
         r.meta = {**meta, **r.meta}
@@ -68,19 +70,24 @@ def run(args: argparse.Namespace, config: FocusConfig) -> int:
         path = runs.write_results(out, "eval_vision", reports, {"config": config.to_dict(), "meta": meta})
         print(f"wrote {path} (+ .md, .png)")
     if args.gradcam:
-        _write_gradcam(args, model.to(device), name, config, out)
+        _write_gradcam(args, model, data, config, out)
     return 0
 
 
-def _write_gradcam(args: argparse.Namespace, model: nn.Module, name: str, config: FocusConfig, out) -> None:
+def _dataset(name: str, args: argparse.Namespace):
+    """The ``--data`` images, transformed as ``--model``/``--weights`` expect."""
+    from .vision import load_image_dataset
+
+    transform = _weights_transform(name, args.weights) if args.data not in (None, "digits") else None
+    return load_image_dataset(args.data or "digits", root=args.root, transform=transform)
+
+
+def _write_gradcam(args: argparse.Namespace, model: nn.Module, data, config: FocusConfig, out) -> None:
     """GradCAM before/after the step for the first ``--gradcam`` uncertain images of the evaluated data."""
     from torch.utils.data import Subset
 
     from .gradcam import write_gradcam
-    from .vision import load_image_dataset
 
-    transform = _weights_transform(name, args.weights) if args.data not in (None, "digits") else None
-    data = load_image_dataset(args.data or "digits", root=args.root, transform=transform)
     if args.max_samples:
         data = Subset(data, range(min(len(data), args.max_samples)))
     paths = write_gradcam(model, data, config, out, n=args.gradcam, batch_size=args.batch_size)
@@ -116,14 +123,14 @@ def run_eval_vision(model: nn.Module | str | None = None, data: Any = None,
                     batch_size: int = 64, max_samples: int | None = None, out_dir: str | os.PathLike | None = None,
                     progress: bool = True, weights: Any = None, root: str | os.PathLike | None = None,
                     max_batch: int = 8, method: str = "auto", device: str | torch.device | None = None,
-                    model_name: str | None = None) -> list[FocusReport]:
+                    model_name: str | None = None, data_name: str | None = None) -> list[FocusReport]:
     """Evaluate ``model`` (default: the digits CNN, trained if no checkpoint) on ``data`` (default: digits test).
 
     ``model``: an ``nn.Module``, ``"digits"`` or a torchvision model name (``weights`` passed through).
     ``data``: a Dataset, a DataLoader, or a ``load_image_dataset`` spec (with ``root``).
     ``config``: one config, a list of them, or ``None`` for iFo and doFo at the method's vision defaults.
     ``device``: where to run a model loaded here by name; a module you pass stays where it is.
-    ``model_name``: how the reports name the model (default: the name given, or the module's class).
+    ``model_name`` / ``data_name``: how the reports name them (default: the name given, or the class).
     Writes ``vision_reports.json``, ``vision_table.md`` and ``vision_topk.png`` into ``out_dir`` when given.
     """
     from torch.utils.data import DataLoader, Dataset, Subset
@@ -139,7 +146,8 @@ def run_eval_vision(model: nn.Module | str | None = None, data: Any = None,
     if not isinstance(model, nn.Module):  # loaded here, so ours to move; a caller's module is never touched
         model = load_model(model or "digits", weights=weights, checkpoint=checkpoint, progress=progress)
         model = model if device is None else model.to(device)
-    data_name = str(data) if isinstance(data, (str, os.PathLike)) else "digits" if data is None else type(data).__name__
+    data_name = data_name or (str(data) if isinstance(data, (str, os.PathLike))
+                              else "digits" if data is None else type(data).__name__)
     if data is None or isinstance(data, (str, os.PathLike)):
         transform = _weights_transform(model_name, weights) if data not in (None, "digits") else None
         data = load_image_dataset(data or "digits", root=root, transform=transform)

@@ -70,7 +70,8 @@ def run(args: argparse.Namespace, config: FocusConfig) -> int:
     model, tokenizer = runs.load_model(args.model, device=device, seed=args.seed)
     for cfg in candidates:
         runs.check_model_fits(model, cfg, args.context_length, f"--context-length {args.context_length}")
-    fp = run_fingerprint(args, candidates, tokenizer, texts)
+    # the fingerprint tokenizes the whole corpus once more: only worth it where a partial file can be written
+    fp = run_fingerprint(args, candidates, tokenizer, texts) if out is not None else None
     path = runs.partial_path(out) if out is not None else None
     resume = _restore(path, fp) if args.resume else None
     if args.overwrite and path is not None:
@@ -162,19 +163,12 @@ def run_fingerprint(args: argparse.Namespace, candidates: list[FocusConfig], tok
 
     return runs.fingerprint({
         "--model": runs.model_identity(args.model), "--seed": args.seed,
-        "--dataset": _dataset_identity(args.dataset), "--split": args.split, "--max-texts": args.max_texts,
+        "--dataset": runs.dataset_identity(args.dataset), "--split": args.split, "--max-texts": args.max_texts,
         "data (token stream sha256)": stream_digest(tokenizer, texts), "--dev-fraction": args.dev_fraction,
         "--context-length": args.context_length,
         "grid (--modes, --params, --lrs, --taus, --threshold, --n-focus, --steps)": [c.to_dict() for c in candidates],
         "--dev-max-uncertain": args.dev_max_uncertain, "--test-max-uncertain": args.test_max_uncertain,
         "--alpha": args.alpha, "--budget-ratio": args.budget_ratio, "--exhaustive": args.exhaustive})
-
-
-def _dataset_identity(spec: str | None) -> str:
-    if spec is None:
-        return "bundled-sample"
-    path = Path(spec).expanduser()
-    return str(path.resolve()) if path.exists() else spec
 
 
 def _restore(path: Path | None, fp: dict) -> dict | None:
@@ -194,7 +188,7 @@ def _restore(path: Path | None, fp: dict) -> dict | None:
 class _Saver:
     """``on_progress``: keeps the latest snapshot, writes it (throttled) to partial.json, drives the bars."""
 
-    def __init__(self, path: Path | None, fp: dict, progress: bool):
+    def __init__(self, path: Path | None, fp: dict | None, progress: bool):
         self.path, self.fp, self.progress = path, fp, progress
         self.latest: dict | None = None
         self.saved_at = 0.0

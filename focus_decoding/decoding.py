@@ -107,9 +107,7 @@ def _run_loop(model: nn.Module, loop: nn.Module, config: FocusConfig, method: st
     if any(isinstance(p, FocusLogitsProcessor) for p in user):
         raise ValueError("pass either focus_config or a FocusLogitsProcessor in logits_processor, not both")
     focus = _processor_for(model, config, input_ids, gen_config, kwargs)
-    n_top = prefix.prefix_blocks(model, config)  # cached-prefix fast path for last:N, when valid
-    if n_top is None and config.last_blocks is not None:
-        prefix.warn_fallback(model, config)
+    n_top = prefix.prefix_blocks(model, config, warn=True)  # cached-prefix fast path for last:N, when valid
     recorder = None if n_top is None else prefix.HiddenRecorder(loop, n_top)
     focus.recorder = recorder
     kwargs["logits_processor"] = LogitsProcessorList([focus, *user])  # FIRST: refine, then warp

@@ -85,9 +85,7 @@ def evaluate_next_token(model: nn.Module, tokenizer, texts: Sequence[str], confi
     report.meta.update(model=_model_name(model), dataset=name, context_length=context_length, stride=stride,
                        batch_positions=batch_positions, shard=[rank, world], start_window=start_window)
     trainable, frozen = core.split_parameters(model, config.params)
-    n_top = prefix.prefix_blocks(model, config)  # last:N: refine through the top blocks from kept states
-    if n_top is None and config.last_blocks is not None:
-        prefix.warn_fallback(model, config)
+    n_top = prefix.prefix_blocks(model, config, warn=True)  # last:N: refine through the top blocks from kept states
     if batch_positions > 1:
         n_top = None  # the batched (vmap) path runs the full model
     t0, refine_s = time.perf_counter(), 0.0

@@ -55,8 +55,9 @@ class FocusLM(HFLM):
     step_rule=, tau=, preset=, focus_config=, **HFLM arguments)``.
 
     ``pretrained``: a Hub id or folder, a ``.gguf`` file, a model object, or ``"default"`` / omitted
-    for the embedded SmolLM2-135M-Instruct (which then uses the ``smollm2-135m`` preset unless
-    ``preset``/``lr``/``tau`` say otherwise). ``focus_config`` (a ``FocusConfig`` or dict) replaces
+    for the embedded SmolLM2-135M-Instruct (which then uses the ``smollm2-135m`` preset; a given
+    ``lr``/``tau``/``step_rule`` replaces only the preset's step, ``preset=`` or ``focus_config`` all of it).
+    ``tau`` alone selects the normalized step rule. ``focus_config`` (a ``FocusConfig`` or dict) replaces
     the separate fields. ``focus_stats`` counts what the gate did per request type.
     """
 
@@ -65,9 +66,8 @@ class FocusLM(HFLM):
         focus_fields = {k: kwargs.pop(k) for k in FOCUS_KEYS if k in kwargs}
         check_keys(kwargs)
         pretrained, kwargs["gguf_file"], is_default = resolve_pretrained(pretrained, kwargs.get("gguf_file"))
-        step_given = focus_config is not None or {"lr", "tau", "step_rule"} & set(focus_fields)
-        if preset is None and is_default and not step_given:
-            preset = DEFAULT_PRESET  # the embedded model's measured learning rate, as the package CLI uses
+        if preset is None and is_default and focus_config is None:
+            preset = DEFAULT_PRESET  # as the package CLI does: a step given replaces the preset's step only
         self.focus_config = build_config(focus_fields, preset, focus_config)
         kwargs.setdefault("device", "cuda" if torch.cuda.is_available() else "cpu")  # HFLM's default: cuda
         super().__init__(pretrained=pretrained, **kwargs)
@@ -77,9 +77,7 @@ class FocusLM(HFLM):
             raise ValueError(f"{NAME} supports decoder-only (causal) models; this one is {self.backend}")
         self._view = core.module_view(self.model)  # private module tree: the step never touches the model
         self._trainable, self._frozen = core.split_parameters(self._view, self.focus_config.params)
-        self._n_top = prefix.prefix_blocks(self._view, self.focus_config)  # last:N through the top blocks only
-        if self._n_top is None and self.focus_config.last_blocks is not None:
-            prefix.warn_fallback(self._view, self.focus_config)
+        self._n_top = prefix.prefix_blocks(self._view, self.focus_config, warn=True)  # last:N: top blocks only
         self._scored: tuple[dict[tuple[int, ...], int], list[int]] | None = None  # set while scoring
         self._generating = False
         self.focus_stats = {kind: dict.fromkeys(STAT_FIELDS, 0) for kind in ("loglikelihood", "generate_until")}
@@ -213,6 +211,8 @@ def build_config(fields: dict[str, Any], preset: str | None, focus_config: Any) 
     """The FocusConfig from model_args; a bad value raises ValueError naming the field and what is allowed."""
     if "params" in fields and isinstance(fields["params"], str) and "|" in fields["params"]:
         fields["params"] = [p for p in fields["params"].split("|") if p]  # commas separate model_args
+    if "tau" in fields and "step_rule" not in fields:
+        fields["step_rule"] = "normalized"  # tau alone selects its rule, as --tau does on the command line
     try:
         if focus_config is not None:
             if fields or preset is not None:

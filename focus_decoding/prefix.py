@@ -67,12 +67,20 @@ def supports_prefix(model: nn.Module) -> bool:
     return True
 
 
-def prefix_blocks(model: nn.Module, config: FocusConfig) -> int | None:
+def prefix_blocks(model: nn.Module, config: FocusConfig, *, warn: bool = False) -> int | None:
     """How many top blocks the step can run through with kept states, or None (use the uncached path).
 
     ``last:N`` gives N. A pattern list gives the fewest top blocks holding every trainable parameter;
     None when one is also used below them (the head of a tied model is the embedding) or for ``"all"``.
+    ``warn``: a ``last:N`` that falls back to the uncached path says so once (``warn_fallback``).
     """
+    n = _prefix_blocks(model, config)
+    if warn and n is None and config.last_blocks is not None:
+        warn_fallback(model, config)
+    return n
+
+
+def _prefix_blocks(model: nn.Module, config: FocusConfig) -> int | None:
     if config.params == "all" or not supports_prefix(model):
         return None
     trainable, _ = core.split_parameters(model, config.params)

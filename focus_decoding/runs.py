@@ -104,8 +104,16 @@ def load_model(spec: str | None = None, *, device: str | torch.device = "cpu", s
 
 def model_identity(spec: str | None) -> str:
     """What ``--model`` denotes, stable across working directories: the absolute path of a local model."""
-    if is_default_model(spec):
-        return DEFAULT_MODEL
+    return DEFAULT_MODEL if is_default_model(spec) else source_identity(spec)
+
+
+def dataset_identity(spec: str | None) -> str:
+    """What ``--dataset`` denotes, stable across working directories: the absolute path of a local file."""
+    return "bundled-sample" if spec is None else source_identity(spec)
+
+
+def source_identity(spec: str) -> str:
+    """A local path made absolute; anything else (a hub name) as it is."""
     path = Path(spec).expanduser()
     return str(path.resolve()) if path.exists() else str(spec)
 

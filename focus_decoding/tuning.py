@@ -422,9 +422,7 @@ class _Refiner:
     def __init__(self, model, config: FocusConfig):
         self.config = config
         self.trainable, self.frozen = core.split_parameters(model, config.params)
-        self.n_top = prefix.prefix_blocks(model, config)
-        if self.n_top is None and config.last_blocks is not None:
-            prefix.warn_fallback(model, config)
+        self.n_top = prefix.prefix_blocks(model, config, warn=True)
 
 
 def count_uncertain(model, stream: torch.Tensor, bounds, threshold: float, limit: int | None,

@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -110,6 +111,10 @@ def stop_after_first_window(monkeypatch, how=lambda: (_ for _ in ()).throw(Keybo
         def stop(index, report):
             on_window(index, report)  # the CLI saves the window first, as a real Ctrl-C would find it
             how()
+            # Python runs a signal's handler at its next check, not inside os.kill: a C call such as the
+            # AssertionError below may come first. A sleep is such a check (the handler's exception ends it).
+            for _ in range(100):
+                time.sleep(0.05)
             raise AssertionError("the interrupt did not stop the run")
         return real(*args, on_window=stop, **kwargs)
 

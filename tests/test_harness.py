@@ -257,6 +257,8 @@ def test_model_args_string(tiny_dir):
     assert lm.focus_config == FocusConfig(mode="dofo", lr=1e-4, n_focus=3, steps=2, params=["lm_head", "model.norm"])
     lm = FocusLM.create_from_arg_string(f"pretrained={tiny_dir},preset=gpt2,step_rule=normalized,tau=0.5")
     assert lm.focus_config == FocusConfig(step_rule="normalized", tau=0.5)
+    lm = FocusLM.create_from_arg_string(f"pretrained={tiny_dir},tau=0.5")  # tau alone selects its rule, as --tau
+    assert lm.focus_config == FocusConfig(step_rule="normalized", tau=0.5)
     with pytest.raises(ValueError, match="matches no parameter"):
         FocusLM.create_from_arg_string(f"pretrained={tiny_dir},params=no_such_module", {"device": "cpu"})
 
@@ -301,9 +303,11 @@ def test_command_line_end_to_end(tiny_dir, tiny, task_dir, tmp_path):
 def test_default_model_from_the_command_line(default_model, tmp_path):
     """The README command: ``pretrained=default`` (the GGUF file) on the committed local task, from the
     command line, against the direct computation on the same model."""
-    results, samples = run_cli("focus_local_mc", "pretrained=default,params=last:2", REPO / "tests/data/lm_eval",
+    # a step given replaces the preset's step only: the embedded model keeps its last:2, as on the package CLI
+    results, samples = run_cli("focus_local_mc", "pretrained=default,lr=1e-4", REPO / "tests/data/lm_eval",
                                tmp_path, "--limit", "4", cwd=REPO)  # the task names its data relative to the repo
-    config = FocusConfig.preset("smollm2-135m", params="last:2")  # the embedded model's preset: iFo, lr 1e-4
+    config = FocusConfig(lr=1e-4, params="last:2")
+    assert config == FocusConfig.preset("smollm2-135m")
     assert results["config"]["focus_config"] == config.to_dict()
     docs = [json.loads(line) for line in (REPO / "tests/data/lm_eval/local_mc.jsonl").read_text().splitlines()[:4]]
     model, tok = default_model

@@ -331,7 +331,7 @@ def test_evaluate_next_token_cached_equals_uncached(arch, tied, mode, rule, monk
     cached = _spy(monkeypatch, "top_forward")
     fast = evaluate_next_token(model, _Bytes(), texts, config, **kwargs)
     assert len(cached) == fast.n_uncertain > 0  # every refinement took the cached path
-    monkeypatch.setattr(prefix, "prefix_blocks", lambda model, config: None)  # force the uncached path
+    monkeypatch.setattr(prefix, "prefix_blocks", lambda model, config, warn=False: None)  # force the uncached path
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         slow = evaluate_next_token(model, _Bytes(), texts, config, **kwargs)
@@ -369,7 +369,7 @@ def test_generate_cached_equals_uncached(arch, decoding, mode, monkeypatch, asse
     cached = _spy(monkeypatch, "top_forward")
     fast = generate()
     assert len(cached) == fast.focus_stats.totals["uncertain"] > 0  # every refinement took the cached path
-    monkeypatch.setattr(prefix, "prefix_blocks", lambda model, config: None)  # force the uncached path
+    monkeypatch.setattr(prefix, "prefix_blocks", lambda model, config, warn=False: None)  # force the uncached path
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         slow = generate()
