@@ -123,7 +123,11 @@ def stop_after_first_window(monkeypatch, how=lambda: (_ for _ in ()).throw(Keybo
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_interrupt_then_resume_equals_uninterrupted(signum, tmp_path, corpus, monkeypatch, capsys):
+def test_interrupt_then_resume_equals_uninterrupted(signum, tmp_path, corpus, monkeypatch, capsys, request):
+    # SIGINT as a terminal's Ctrl-C delivers it: a job a shell starts in the background inherits SIGINT
+    # *ignored*, and Python then never raises KeyboardInterrupt (the CLI installs its own SIGTERM handler)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
     common = ["eval-text", *TINY, "--dataset", corpus, "--context-length", "4", "--max-uncertain", "12",
               "--threshold", "0.04", "--lr", "30"]
     assert cli.main([*common, "--out", str(tmp_path / "full")]) == 0
