@@ -66,6 +66,16 @@ def first_step_eta(model, run, focus, mode, tau, select=lambda name: True):
     return tau / sq
 
 
+def config_rate(model, run, focus, config, select=lambda name: True):
+    """The rate ``naive_refine`` takes for ``config``: its fixed lr; under the normalized rule tau / ||g||^2
+    by hand, for the one step, or recomputed at every step when there are several."""
+    if config.step_rule == "fixed":
+        return config.lr
+    if config.steps == 1:
+        return first_step_eta(model, run, focus, config.mode, config.tau, select)
+    return normalized_lr(config.tau)
+
+
 # ----------------------------------------------------------------------------- float64 tiny models
 class ExactRMSNorm(nn.Module):
     """RMSNorm in the input's own dtype, holding the original module's weight (same Parameter).

@@ -14,7 +14,7 @@ from focus_decoding.eval_text import (evaluate_next_token, refine_position, refi
                                       tokenize_stream, window_bounds)
 from focus_decoding.models import tiny_causal_lm
 from focus_decoding.report import MAX_K, FocusReport
-from reference import assert_exact, first_step_eta, naive_refine, normalized_lr, tiny_lm64
+from reference import assert_exact, config_rate, naive_refine, tiny_lm64
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "Pack my box with five dozen liquor jugs!",
          "How vexingly quick daft zebras jump."]
@@ -72,15 +72,6 @@ def model_text(model, n_tokens, first=40):
     return "".join(chr(t - 3) for t in ids)  # ByteTokenizer maps byte b < 90 back to token 3 + b
 
 
-def _step_rate(model, run, focus, config):
-    """The reference's rate: the fixed lr, or tau / ||g||^2 by hand (one step) / per step (several)."""
-    if config.step_rule == "fixed":
-        return config.lr
-    if config.steps == 1:
-        return first_step_eta(model, run, focus, config.mode, config.tau)
-    return normalized_lr(config.tau)
-
-
 def naive_reference(model, texts, config, context_length, stride, thresholds):
     """The method written out: slide windows, score unseen labels, deepcopy + SGD per uncertain position;
     and the top-k table counted label by label from each window's logits."""
@@ -116,7 +107,7 @@ def naive_reference(model, texts, config, context_length, stride, thresholds):
             focus = logits[t].topk(config.n_focus).indices
             ctx = window[None, :t + 1]
             run = lambda m: m(ctx).logits[0, -1]  # noqa: E731
-            new = naive_refine(model, run, focus, config.mode, _step_rate(model, run, focus, config),
+            new = naive_refine(model, run, focus, config.mode, config_rate(model, run, focus, config),
                                config.steps).argmax().item()
             outcomes.append((label, logits[t].argmax().item(), new))
     return n_total, outcomes, counts, hits
@@ -247,9 +238,7 @@ def test_batched_positions_equal_one_by_one(arch, steps, params, rule):
         # and both equal the reference, each position with its own rate under the normalized rule
         ctx, focus = ids[:, :t + 1], logits[t].topk(config.n_focus).indices
         run = lambda m: m(ctx).logits[0, -1]  # noqa: E731
-        rate = config.lr if config.step_rule == "fixed" else (
-            first_step_eta(model, run, focus, config.mode, config.tau, lambda n: n in names) if steps == 1
-            else normalized_lr(config.tau))
+        rate = config_rate(model, run, focus, config, lambda n: n in names)  # config.steps == steps
         ref = naive_refine(model, run, focus, config.mode, rate, steps, select=lambda n: n in names)
         assert_exact(res.logits, ref, f"position {t} vs reference")
     one = evaluate_next_token(model, TOK, TEXTS[:2], config, context_length=16, progress=False, max_uncertain=12)

@@ -14,7 +14,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from focus_decoding import FocusConfig, core, prefix
 from focus_decoding.models import tiny_causal_lm
-from reference import assert_exact, first_step_eta, naive_refine, normalized_lr, tiny_lm64
+from reference import assert_exact, config_rate, naive_refine, tiny_lm64
 from focus_decoding.prefix import (HiddenRecorder, input_states, kept_state_bytes, prefix_blocks, supports_prefix,
                                    top_forward, window_states)
 
@@ -63,13 +63,8 @@ def _naive(model, ids, focus, config):
     is computed by hand: one step, tau / ||g||^2 from plain autograd; several, each step's own."""
     names = set(core.split_parameters(model, config.params)[0])
     run, select = (lambda m: m(ids, use_cache=False).logits[0, -1]), (lambda name: name in names)
-    if config.step_rule == "fixed":
-        lr = config.lr
-    elif config.steps == 1:
-        lr = first_step_eta(model, run, focus, config.mode, config.tau, select)
-    else:
-        lr = normalized_lr(config.tau)
-    return naive_refine(model, run, focus, config.mode, lr, config.steps, select=select)
+    return naive_refine(model, run, focus, config.mode, config_rate(model, run, focus, config, select), config.steps,
+                        select=select)
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])

@@ -15,7 +15,7 @@ from torch import nn
 from focus_decoding import FocusConfig
 from focus_decoding.report import CO_CO, CO_WR, MAX_K, WR_CO, WR_OTHER, WR_SAME
 from conftest import need
-from reference import assert_exact, first_step_eta, naive_refine, normalized_lr
+from reference import assert_exact, config_rate, first_step_eta, naive_refine
 
 torchvision = need("torchvision", "(the vision extra)", module_level=True)  # CI installs it: never skipped there
 from focus_decoding.cli_eval_vision import run_eval_vision  # noqa: E402
@@ -43,13 +43,7 @@ def naive_refined(model, x, cfg):
     """Algorithm 1 for ONE image x [1, ...] through the naive reference (deepcopy, eval, plain SGD);
     under the normalized rule with this image's own rate, tau / ||g||^2, computed by hand."""
     focus, run, select = _problem(model, x, cfg)
-    if cfg.step_rule == "fixed":
-        lr = cfg.lr
-    elif cfg.steps == 1:
-        lr = first_step_eta(model, run, focus, cfg.mode, cfg.tau, select)
-    else:
-        lr = normalized_lr(cfg.tau)
-    return naive_refine(model, run, focus, cfg.mode, lr, cfg.steps, select)
+    return naive_refine(model, run, focus, cfg.mode, config_rate(model, run, focus, cfg, select), cfg.steps, select)
 
 
 def rate_of(model, x, cfg):
