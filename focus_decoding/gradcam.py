@@ -149,6 +149,7 @@ def gradcam_pairs(model: nn.Module, data: Any, config: FocusConfig | Mapping | N
     cfg = FocusConfig() if config is None else FocusConfig.coerce(config)
     layer = target_layer or default_target_layer(model)
     view, device = core.module_view(model), next(model.parameters()).device
+    before_view = bound_view(model)  # one for every image: GradCAM's hooks leave with its context
     pairs, seen = [], 0
     for images, labels in _batches(data, batch_size):
         images = core.as_normal_tensor(images.to(device))
@@ -156,7 +157,7 @@ def gradcam_pairs(model: nn.Module, data: Any, config: FocusConfig | Mapping | N
             base = logits_of(view(images))
         gate = core.is_uncertain(base, cfg.threshold) & torch.isfinite(base).all(-1)  # FocusClassifier's gate
         for i in gate.nonzero().flatten().tolist():
-            pair = _pair(model, images[i:i + 1], int(labels[i]), base[i], cfg, layer, seen + i)
+            pair = _pair(model, view, before_view, images[i:i + 1], int(labels[i]), base[i], cfg, layer, seen + i)
             if pair is not None:  # an overflowed refinement has no map to show (FocusClassifier keeps the base)
                 pairs.append(pair)
             if len(pairs) == n:
@@ -165,11 +166,10 @@ def gradcam_pairs(model: nn.Module, data: Any, config: FocusConfig | Mapping | N
     return pairs
 
 
-def _pair(model: nn.Module, image: Tensor, label: int, base: Tensor, cfg: FocusConfig, layer: str,
-          index: int) -> CamPair | None:
-    """Refine one image and compute both maps; None if the refined logits overflow."""
-    before_view = bound_view(model)
-    after_view = bound_view(model, refined_parameters(core.module_view(model), image, base, cfg))
+def _pair(model: nn.Module, view: nn.Module, before_view: nn.Module, image: Tensor, label: int, base: Tensor,
+          cfg: FocusConfig, layer: str, index: int) -> CamPair | None:
+    """Refine one image (on ``view``) and compute both maps; None if the refined logits overflow."""
+    after_view = bound_view(model, refined_parameters(view, image, base, cfg))
     with torch.no_grad():
         after = logits_of(after_view(image))[0]
     if not bool(torch.isfinite(after).all()):
