@@ -22,16 +22,17 @@ import sys
 from pathlib import Path
 
 CORPORA = ("wiki", "kjv", "shakespeare")
-GRID = ["--modes", "ifo", "--params", "last:2", "--lrs", "1e-4,1e-3", "--taus", "0.3,1",
-        "--dev-max-uncertain", "1000", "--test-max-uncertain", "5000", "--exhaustive"]
+GRID = ["--params", "last:2", "--lrs", "1e-4,1e-3", "--taus", "0.3,1",
+        "--dev-max-uncertain", "1000", "--test-max-uncertain", "5000"]
 
 
-def run_tune(corpus_file: Path, out: Path, force: bool) -> None:
+def run_tune(corpus_file: Path, out: Path, force: bool, extra: list[str]) -> None:
     """One `tune` run through the command line, resumed if a partial run is there."""
     if (out / "tune.json").exists() and not force:
         print(f"{out}: done already (--force reruns)", flush=True)
         return
-    cmd = [sys.executable, "-m", "focus_decoding.cli", "tune", "--dataset", str(corpus_file), "--out", str(out), *GRID]
+    cmd = [sys.executable, "-m", "focus_decoding.cli", "tune", "--dataset", str(corpus_file), "--out", str(out),
+           *GRID, *extra]
     if force:
         cmd.append("--overwrite")
     elif (out / "partial.json").exists():
@@ -72,6 +73,10 @@ def main(argv=None) -> None:
     parser.add_argument("--corpora", default=",".join(CORPORA), help=f"comma-separated subset of {CORPORA}")
     parser.add_argument("--force", action="store_true", help="rerun corpora that already have a tune.json")
     parser.add_argument("--table-only", action="store_true", help="only rebuild OUT/corpora.md")
+    parser.add_argument("--model", default=None, help="an asset model of benchmarks/assets.py (default: the embedded "
+                        "SmolLM2-135M)")
+    parser.add_argument("--modes", default="ifo", help="comma-separated modes to race (default ifo)")
+    parser.add_argument("--race", action="store_true", help="the stop-early race instead of the exhaustive sweep")
     args = parser.parse_args(argv)
     chosen = [c.strip() for c in args.corpora.split(",") if c.strip()]
     unknown = sorted(set(chosen) - set(CORPORA))
@@ -81,8 +86,11 @@ def main(argv=None) -> None:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         import assets  # the pinned corpora; a missing or altered file is an error, never a silent rebuild
 
+        extra = ["--modes", args.modes] + ([] if args.race else ["--exhaustive"])
+        if args.model:
+            extra += ["--model", str(assets.model_path(args.model))]
         for corpus in chosen:
-            run_tune(assets.corpus_path(corpus), args.out / corpus, args.force)
+            run_tune(assets.corpus_path(corpus), args.out / corpus, args.force, extra)
     text = table(args.out)
     (args.out / "corpora.md").write_text(text)
     print(text)

@@ -7,9 +7,10 @@ import numbers
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence, Union
 
-MODES = ("ifo", "dofo")
+MODES = ("ifo", "dofo", "entropy")  # the losses of method.LOSSES
 STEP_RULES = ("fixed", "normalized")
-DEFAULT_LR = {"ifo": 1.6e-5, "dofo": 2.56e-4}  # Algorithm 1 of the method (its vision defaults)
+# Algorithm 1 of the method (its vision defaults); the method has none for entropy: iFo's, the smaller one.
+DEFAULT_LR = {"ifo": 1.6e-5, "dofo": 2.56e-4, "entropy": 1.6e-5}
 DEFAULT_TAU = 1.0  # normalized rule: first-order decrease of the focus loss, in logit units
 
 # Per-model step settings, per mode: the learning rates the method used for its text experiments,
@@ -23,7 +24,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # No setting gave a significant gain on three corpora (README, Results); this is the smallest step of
     # `tune`'s grid, never significantly harmful, on the 17x cheaper parameters that did as well as any.
     "smollm2-135m": {mode: {"lr": 1e-4, "params": "last:2"} for mode in ("ifo", "dofo")},
-    "vision": {mode: {"lr": lr} for mode, lr in DEFAULT_LR.items()},
+    "vision": {mode: {"lr": DEFAULT_LR[mode]} for mode in ("ifo", "dofo")},
 }
 
 ParamsSelector = Union[str, Sequence[str]]
@@ -114,7 +115,7 @@ class FocusConfig:
             raise ValueError(f"unknown FocusConfig preset {name!r}; allowed: {sorted(PRESETS)}")
         if mode not in MODES:
             raise ValueError(f"FocusConfig.mode must be one of {MODES}, got {mode!r}")
-        fields = dict(PRESETS[key][mode])
+        fields = dict(PRESETS[key].get(mode, {}))  # a mode the preset does not know: the method's defaults
         if {"lr", "tau", "step_rule"} & set(overrides):  # an explicit step replaces the preset's step
             for name_ in ("lr", "tau", "step_rule"):
                 fields.pop(name_, None)

@@ -58,14 +58,34 @@ def focus_classes(logits: Tensor, n_focus: int) -> Tensor:
     return logits.topk(n_focus, dim=-1).indices
 
 
-def focus_loss(logits: Tensor, focus: Tensor, mode: str) -> Tensor:
-    """Per-input loss on RAW logits: iFo = -mean(focus logits); doFo = +mean(other logits)."""
-    logits = widen(logits)
-    if mode == "ifo":
-        return -logits.gather(-1, focus).mean(-1)
+def ifo_loss(logits: Tensor, focus: Tensor) -> Tensor:
+    """iFo: -mean of the focus logits (raise the likely classes)."""
+    return -logits.gather(-1, focus).mean(-1)
+
+
+def dofo_loss(logits: Tensor, focus: Tensor) -> Tensor:
+    """doFo: +mean of the logits outside the focus set (lower the unlikely classes)."""
     in_focus = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, focus, True)  # out of place: vmap has a rule
     n_other = logits.shape[-1] - focus.shape[-1]
     return logits.masked_fill(in_focus, 0.0).sum(-1) / n_other
+
+
+def entropy_loss(logits: Tensor, focus: Tensor) -> Tensor:
+    """Entropy minimisation (TENT's objective on one input): softmax entropy; the focus set is not used."""
+    logp = torch.log_softmax(logits, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"ifo": ifo_loss, "dofo": dofo_loss, "entropy": entropy_loss}
+
+
+def focus_loss(logits: Tensor, focus: Tensor, mode: str) -> Tensor:
+    """Per-input loss of ``mode`` on RAW logits (see ``LOSSES``); an unknown mode raises ``ValueError``."""
+    try:
+        loss = LOSSES[mode]
+    except KeyError:
+        raise ValueError(f"unknown focus mode {mode!r}; allowed: {tuple(LOSSES)}") from None
+    return loss(widen(logits), focus)
 
 
 # ----------------------------------------------------------------------------- a private module tree

@@ -129,7 +129,11 @@ def position_limit(model) -> tuple[int, str] | None:
 
 def tiny_causal_lm(arch: str = "llama", *, tied: bool = True, vocab_size: int = 96, layers: int = 4,
                    seed: int = 0, attn: str = "eager"):
-    """A small random-weight decoder (``"llama"``, ``"gpt2"`` or ``"qwen2"``) for tests and benchmarks."""
+    """A small random-weight decoder (``"llama"``, ``"gpt2"``, ``"qwen2"`` or ``"gemma3"``) for tests and benchmarks.
+
+    ``"gemma3"`` (transformers >= 4.50) mixes sliding-window and full-attention layers and caps its logits,
+    as Gemma-3 does.
+    """
     from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
 
     common = dict(vocab_size=vocab_size, tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2, pad_token_id=0)
@@ -141,8 +145,16 @@ def tiny_causal_lm(arch: str = "llama", *, tied: bool = True, vocab_size: int = 
                           num_key_value_heads=2, max_position_embeddings=256, **common)
     elif arch == "gpt2":
         cfg = GPT2Config(n_embd=32, n_layer=layers, n_head=4, n_positions=256, **common)
+    elif arch == "gemma3":
+        from transformers import Gemma3TextConfig
+
+        kinds = ["sliding_attention", "full_attention"]
+        cfg = Gemma3TextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
+                               num_key_value_heads=2, head_dim=8, max_position_embeddings=256, sliding_window=4,
+                               layer_types=[kinds[i % 2] for i in range(layers)], final_logit_softcapping=30.0,
+                               **common)
     else:
-        raise ValueError(f"arch must be 'llama', 'qwen2' or 'gpt2', got {arch!r}")
+        raise ValueError(f"arch must be 'llama', 'qwen2', 'gpt2' or 'gemma3', got {arch!r}")
     cfg._attn_implementation = attn
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(cfg).eval()

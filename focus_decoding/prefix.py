@@ -46,7 +46,7 @@ from torch.func import functional_call
 from . import core
 from .config import FocusConfig
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral", "gpt2")
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral", "gpt2", "gemma3_text", "gemma2")
 
 
 # ----------------------------------------------------------------------------- what is supported
@@ -56,9 +56,6 @@ def supports_prefix(model: nn.Module) -> bool:
     if config is None or getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
         return False
     if getattr(config, "is_encoder_decoder", False) or getattr(config, "add_cross_attention", False):
-        return False
-    # Every top block is fed what block 0 is fed; models mixing sliding and full layers differ per layer.
-    if len(set(getattr(config, "layer_types", None) or ["one"])) > 1:
         return False
     try:
         _top_modules(model, 1)
@@ -143,45 +140,60 @@ def _top_modules(model: nn.Module, n: int) -> dict[str, nn.Module]:
 class _Top(nn.Module):
     """References (never copies) the model's top blocks, final norm and head."""
 
-    def __init__(self, blocks: Sequence[nn.Module], norm: nn.Module, head: nn.Module):
+    def __init__(self, blocks: Sequence[nn.Module], norm: nn.Module, head: nn.Module, softcap: float | None = None):
         super().__init__()
-        self.blocks, self.norm, self.head = nn.ModuleList(blocks), norm, head
+        self.blocks, self.norm, self.head, self.softcap = nn.ModuleList(blocks), norm, head, softcap
 
-    def forward(self, hidden: Tensor, args: tuple, kwargs: dict) -> Tensor:
-        """Logits of the last position, from the states entering the first kept block."""
-        for block in self.blocks:
+    def forward(self, hidden: Tensor, inputs: Sequence[tuple[tuple, dict]]) -> Tensor:
+        """Logits of the last position, from the states entering the first kept block; ``inputs`` = each
+        block's own extra (args, kwargs): layers of one model may differ (sliding vs full attention)."""
+        for block, (args, kwargs) in zip(self.blocks, inputs):
             out = block(hidden, *args, **kwargs)
             hidden = out[0] if isinstance(out, tuple) else out  # transformers < 4.54 returns tuples
         # Norm and head are per-position: the last position alone gives the same logits.
-        return self.head(self.norm(hidden[:, -1:]))[0, -1]
+        logits = self.head(self.norm(hidden[:, -1:]))[0, -1]
+        if self.softcap:  # Gemma-2/3 cap their logits after the head (final_logit_softcapping)
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
 
 
 class _Captured(Exception):
     pass
 
 
-def _block_inputs(view: nn.Module, hidden: Tensor, attention_mask: Tensor | None) -> tuple[tuple, dict]:
-    """The extra args/kwargs (causal mask, rotary embeddings, ...) the model feeds its blocks for
-    an uncached input of ``hidden``'s length, taken from the model's own forward and stopped at block 0.
-    The hook goes on ``view`` (a private module tree), never on the user's model."""
-    _, blocks = core.find_blocks(view)
+def _block_inputs(view: nn.Module, n: int, hidden: Tensor, attention_mask: Tensor | None) -> list[tuple[tuple, dict]]:
+    """The extra (args, kwargs) (causal mask, rotary embeddings, ...) the model feeds each of its top ``n`` blocks
+    for an uncached input of ``hidden``'s length, taken from the model's own forward.
 
-    def grab(module, args, kwargs):
-        raise _Captured(args, kwargs)
+    The blocks do no work meanwhile: on a throwaway view every block passes its input through, each top block
+    first records what it was given, and the final norm stops the forward. Nothing reaches the user's model.
+    """
+    probe = core.module_view(view)
+    _, blocks = core.find_blocks(probe)
+    top = list(blocks)[len(blocks) - n:]
+    seen: list[tuple[tuple, dict]] = []
 
-    handle = blocks[0].register_forward_pre_hook(grab, with_kwargs=True, prepend=True)
+    def passthrough(index):
+        def forward(hidden_states, *args, **kwargs):
+            if index >= len(blocks) - n:
+                kwargs = dict(kwargs)
+                kwargs.pop("hidden_states", None)
+                seen.append((tuple(args), kwargs))
+                if len(seen) == n:
+                    raise _Captured()
+            return hidden_states
+        return forward
+
+    for i, block in enumerate(blocks):
+        block.__dict__["forward"] = passthrough(i)  # the probe's own module copies: nothing else sees them
     try:  # outside inference mode: the step saves the mask and rotary tensors for backward
         with torch.inference_mode(False), torch.no_grad():
-            view(inputs_embeds=hidden.detach(), attention_mask=attention_mask, use_cache=False)
-    except _Captured as stop:
-        args, kwargs = stop.args
-    else:
-        raise RuntimeError(f"{type(view).__name__} never called its first block")
-    finally:
-        handle.remove()
-    kwargs = dict(kwargs)
-    kwargs.pop("hidden_states", None)
-    return tuple(args[1:]), kwargs
+            probe(inputs_embeds=hidden.detach(), attention_mask=attention_mask, use_cache=False)
+    except _Captured:
+        pass
+    if len(seen) != len(top):
+        raise RuntimeError(f"{type(view).__name__} never called its top {n} blocks")
+    return seen
 
 
 def top_forward(model: nn.Module, n: int, hidden: Tensor, attention_mask: Tensor | None = None) -> core.Forward:
@@ -197,15 +209,15 @@ def top_forward(model: nn.Module, n: int, hidden: Tensor, attention_mask: Tensor
         raise ValueError("attention_mask must be None or all ones of shape [1, T] (the context is unpadded)")
     view = model if core.is_view(model) else core.module_view(model)  # swaps happen on the view's modules
     mods = list(_top_modules(view, n).values())
-    top = _Top(mods[:-2], mods[-2], mods[-1])
+    top = _Top(mods[:-2], mods[-2], mods[-1], getattr(view.config, "final_logit_softcapping", None))
     canonical = {id(p): name for name, p in view.named_parameters()}
     rename = {local: canonical[id(p)] for local, p in top.named_parameters()}
     hidden = core.as_normal_tensor(hidden.detach())
-    args, kwargs = _block_inputs(view, hidden, attention_mask)
+    inputs = _block_inputs(view, n, hidden, attention_mask)
 
     def forward(values: Mapping[str, Tensor]) -> Tensor:
         local = {k: values[c] for k, c in rename.items() if c in values}
-        return functional_call(top, local, (hidden, args, kwargs), strict=False)
+        return functional_call(top, local, (hidden, inputs), strict=False)
     return forward
 
 

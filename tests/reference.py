@@ -18,9 +18,13 @@ RTOL = ATOL = 1e-10  # float64 comparisons of a fast path with the reference
 
 # ----------------------------------------------------------------------------- the method, naively
 def naive_loss(logits, focus, mode):
-    """The focus loss on raw logits [C]: iFo = -mean(focus logits), doFo = +mean(all other logits)."""
+    """The loss on raw logits [C]: iFo = -mean(focus logits), doFo = +mean(all other logits),
+    entropy = -sum p log p of softmax(logits)."""
     if mode == "ifo":
         return -logits[focus].mean()
+    if mode == "entropy":
+        p = torch.softmax(logits, dim=-1)
+        return -(p * torch.log(p)).sum()
     others = torch.ones_like(logits, dtype=torch.bool)
     others[focus] = False
     return logits[others].mean()
