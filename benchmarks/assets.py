@@ -194,9 +194,9 @@ def _join(spec: Model, out: Path) -> None:
 
 
 def load_model(name: str, dtype=None):
-    """(model, tokenizer) of asset model ``name`` through ``focus_decoding.models.load_causal_lm``."""
+    """(model, tokenizer) of asset model ``name`` through ``focus_decoding.resources.models.load_causal_lm``."""
     import torch
-    from focus_decoding.models import load_causal_lm
+    from focus_decoding.resources.models import load_causal_lm
 
     path = model_path(name)
     return load_causal_lm(path.parent, dtype or torch.float32, gguf_file=path.name)

@@ -27,11 +27,13 @@ from typing import Any, Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from focus_decoding import core, eval_text, plots
-from focus_decoding.runs import DEFAULT_MODEL, load_model, run_metadata
-from focus_decoding.report import jsonable as _jsonable
+from focus_decoding.cli import figures as plots
+from focus_decoding import method as core
+from focus_decoding.evaluation import next_token as eval_text
+from focus_decoding.cli.common import DEFAULT_MODEL, load_model, run_metadata
+from focus_decoding.evaluation.report import jsonable as _jsonable
 from focus_decoding.config import FocusConfig
-from focus_decoding.report import FocusReport
+from focus_decoding.evaluation.report import FocusReport
 
 EXPERIMENTS = ("topk", "threshold", "lr", "steps", "combination")
 # Default budgets. "paper": the method's experiments used 70k-270k uncertain tokens; >= 10,000 per point is
@@ -115,7 +117,7 @@ def threshold_reports(model, tokenizer, texts, config: FocusConfig, thresholds: 
                                         desc="threshold sweep", unit="position", disable=not progress):
         gap = float(core.top2_gap(logits_t))
         for rep in reports.values():
-            rep.add_predictions(logits_t[None], label[None])
+            rep.add_predictions(logits_t[None], label[None], torch.tensor([gap]))
         if gap >= top.threshold:
             continue
         # the refinement does not depend on the threshold, only whether it runs: do it once
@@ -344,7 +346,7 @@ def exp_combination(model, tokenizer, texts, config: FocusConfig, *, lr_in=1e-3,
 # ----------------------------------------------------------------------------- command line
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one experiment or all of them with small default budgets."""
-    from focus_decoding import data
+    from focus_decoding.resources import corpora as data
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("experiment", choices=(*EXPERIMENTS, "all"))

@@ -2,7 +2,7 @@
 
 Run from the repository root: ``python benchmarks/harness_cost.py [OUT.json]``. The model is
 loaded once and handed to the harness's own ``HFLM`` (plain) and to ``FocusLM`` (iFo, doFo), so
-only the evaluation is timed. Numbers equal ``python -m focus_decoding.harness --model focus-hf
+only the evaluation is timed. Numbers equal ``python -m focus_decoding.text.harness --model focus-hf
 --model_args pretrained=default,... --tasks focus_local_mc --include_path tests/data/lm_eval``.
 """
 from __future__ import annotations
@@ -16,8 +16,8 @@ import torch
 from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
 
-from focus_decoding.harness import FocusLM
-from focus_decoding.models import load_default_model
+from focus_decoding.text.harness import FocusLM
+from focus_decoding.resources.models import load_default_model
 
 TASK = "focus_local_mc"
 RUNS = {"plain (HFLM)": None, "iFo": {"mode": "ifo", "lr": 1e-4, "params": "last:2"},

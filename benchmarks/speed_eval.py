@@ -14,9 +14,9 @@ import time
 import torch
 
 from focus_decoding import FocusConfig
-from focus_decoding.data import load_texts
-from focus_decoding.eval_text import evaluate_next_token
-from focus_decoding.models import load_default_model
+from focus_decoding.resources.corpora import load_texts
+from focus_decoding.evaluation import evaluate_next_token
+from focus_decoding.resources.models import load_default_model
 
 
 def run(quick: bool = False, ks: tuple[int, ...] = (4,), context_length: int = 128) -> dict:

@@ -38,9 +38,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # peak_memory, r
 
 import peak_memory
 from focus_decoding import FocusConfig
-from focus_decoding.decoding import enable, last_focus_stats
-from focus_decoding.generation import FocusLogitsProcessor
-from focus_decoding.models import load_default_model, tiny_causal_lm
+from focus_decoding.text.ways_in import enable, last_focus_stats
+from focus_decoding.text.processor import FocusLogitsProcessor
+from focus_decoding.resources.models import load_default_model, tiny_causal_lm
 
 CONTEXT = 128
 

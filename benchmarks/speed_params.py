@@ -17,8 +17,11 @@ import time
 
 import torch
 
-from focus_decoding import FocusConfig, core, eval_text, prefix
-from focus_decoding.models import load_default_model
+from focus_decoding import FocusConfig
+from focus_decoding import method as core
+from focus_decoding.evaluation import next_token as eval_text
+from focus_decoding.method import prefix
+from focus_decoding.resources.models import load_default_model
 
 SELECTORS = ("all", "last:1", "last:2", "last:4", "last:8", "last:16", "*norm*", "model.embed_tokens",
              "model.layers.0|model.layers.1|model.layers.2|model.layers.3",
@@ -34,7 +37,7 @@ def parse(selector: str):
 def run(repeats: int = 3, length: int = 128, selectors=SELECTORS) -> dict:
     """Median CPU seconds per refinement for each selector."""
     torch.set_num_threads(1)
-    from focus_decoding.data import load_texts
+    from focus_decoding.resources.corpora import load_texts
     model, tok = load_default_model()
     view = core.module_view(model)
     ids = eval_text.tokenize_stream(tok, load_texts(max_texts=20))[:length][None]

@@ -17,9 +17,10 @@ import time
 import torch
 from tqdm import tqdm
 
-from focus_decoding import FocusConfig, core
-from focus_decoding.models import load_default_model
-from focus_decoding.prefix import input_states, kept_state_bytes, top_forward
+from focus_decoding import FocusConfig
+from focus_decoding import method as core
+from focus_decoding.resources.models import load_default_model
+from focus_decoding.method.prefix import input_states, kept_state_bytes, top_forward
 
 LR = 1e-4  # FocusConfig.preset("smollm2-135m") iFo learning rate
 
@@ -72,7 +73,7 @@ def refinement_times(model, context: int, ns=(1, 2, 4), repeats: int = 5) -> dic
 
 def generation_times(model, tokenizer, new_tokens: int = 32, repeats: int = 3) -> dict:
     """Generation with last:2 focus (cached) vs plain greedy vs full-parameter focus, same token count."""
-    from focus_decoding.decoding import enable, last_focus_stats
+    from focus_decoding.text.ways_in import enable, last_focus_stats
 
     enable(model)
     prompt = tokenizer(["Write a short story about a robot who learns to paint."], return_tensors="pt")

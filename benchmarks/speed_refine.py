@@ -23,10 +23,11 @@ import time
 
 import torch
 
-from focus_decoding import FocusConfig, core
-from focus_decoding.data import load_texts
-from focus_decoding.eval_text import tokenize_stream
-from focus_decoding.models import load_default_model
+from focus_decoding import FocusConfig
+from focus_decoding import method as core
+from focus_decoding.resources.corpora import load_texts
+from focus_decoding.evaluation import tokenize_stream
+from focus_decoding.resources.models import load_default_model
 
 
 def clock() -> float:

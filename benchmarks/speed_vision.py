@@ -40,7 +40,7 @@ def _inputs(name: str, batch: int, size: int, device: str):
     """(model, images [batch, ...]) for one case."""
     import torch
 
-    from focus_decoding import core
+    from focus_decoding import method as core
     from focus_decoding.vision import load_classifier, load_image_dataset
 
     if name == "resnet18":

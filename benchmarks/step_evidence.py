@@ -36,9 +36,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from focus_decoding import core, eval_text, prefix  # noqa: E402
+from focus_decoding import method as core
+from focus_decoding.evaluation import next_token as eval_text
+from focus_decoding.method import prefix  # noqa: E402
 from focus_decoding.config import FocusConfig  # noqa: E402
-from focus_decoding.report import FocusReport  # noqa: E402
+from focus_decoding.evaluation.report import FocusReport  # noqa: E402
 
 SMOLLM2 = "smollm2-135m"
 
@@ -47,7 +49,7 @@ SMOLLM2 = "smollm2-135m"
 def load(model_name: str):
     """(model, tokenizer): the embedded SmolLM2 or an asset model (benchmarks/assets.py)."""
     if model_name == SMOLLM2:
-        from focus_decoding.models import load_default_model
+        from focus_decoding.resources.models import load_default_model
         return load_default_model()
     import assets
     return assets.load_model(model_name)
@@ -56,7 +58,7 @@ def load(model_name: str):
 def texts_for(corpus: str, split: str) -> list[str]:
     """The documents of ``split`` ("dev", "test" or "all") of an asset corpus or the bundled sample."""
     if corpus == "jargon":
-        from focus_decoding.data import load_texts
+        from focus_decoding.resources.corpora import load_texts
         texts = load_texts()
     else:
         import assets

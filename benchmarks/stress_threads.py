@@ -32,9 +32,9 @@ from transformers import LogitsProcessorList
 
 import focus_decoding
 from focus_decoding import FocusConfig
-from focus_decoding.decoding import enable, focus_generate
-from focus_decoding.generation import FocusLogitsProcessor
-from focus_decoding.models import tiny_causal_lm
+from focus_decoding.text.ways_in import enable, focus_generate
+from focus_decoding.text.processor import FocusLogitsProcessor
+from focus_decoding.resources.models import tiny_causal_lm
 from focus_decoding.vision import DigitsNet, FocusClassifier
 
 PROMPTS = torch.tensor([[1, 5, 7, 9, 11], [0, 0, 4, 8, 6]])

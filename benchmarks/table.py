@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from focus_decoding.report import FocusReport, markdown_table
+from focus_decoding.evaluation.report import FocusReport, markdown_table
 
 
 def reports_in(data: Any) -> list[FocusReport]:

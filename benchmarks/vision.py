@@ -46,8 +46,9 @@ from pathlib import Path
 
 import torch
 
-from focus_decoding import FocusConfig, core
-from focus_decoding.report import FocusReport, jsonable
+from focus_decoding import FocusConfig
+from focus_decoding import method as core
+from focus_decoding.evaluation.report import FocusReport, jsonable
 from focus_decoding.vision import FocusClassifier, digits_model, load_classifier, load_image_dataset
 
 PAIRS = ("ccexam-mnist:mnist", "ccexam-usps:mnist16",
@@ -315,7 +316,7 @@ def versions() -> dict:
 
 def write_gradcam_figure(results: list[dict], args, out: Path) -> dict:
     """GradCAM before/after for ``args.gradcam`` uncertain USPSNet test images, at the dev-chosen iFo rate."""
-    from focus_decoding.gradcam import write_gradcam
+    from focus_decoding.cli.figures import write_gradcam
 
     pair = next((r for r in results if r["pair"] == args.gradcam_pair), None)
     if pair is None:

@@ -8,7 +8,7 @@ import argparse
 import torch
 
 from focus_decoding import FocusConfig, markdown_table
-from focus_decoding.eval_vision import evaluate_classifier
+from focus_decoding.evaluation.classifier import evaluate_classifier
 from focus_decoding.vision import FocusClassifier, digits_arrays, digits_model
 
 

@@ -9,8 +9,8 @@ import argparse
 import torch
 
 from focus_decoding import FocusConfig
-from focus_decoding.decoding import enable
-from focus_decoding.models import load_default_model
+from focus_decoding.text.ways_in import enable
+from focus_decoding.resources.models import load_default_model
 
 PROMPTS = [
     "The three primary colors are",

@@ -1,38 +1,54 @@
 """focus_decoding: "focus on the likely" test-time refinement of uncertain predictions.
 
-Layout, read top-down: ``config`` (FocusConfig) -> ``core`` (the method) -> adapters ``generation``
-(transformers) and ``vision`` (image classifiers) -> evaluation ``eval_text`` / ``eval_vision``
-(one ``FocusReport`` type) -> ways in from other tools (``decoding``: ``custom_generate`` and
-``enable``) -> ``cli`` and ``benchmarks/``.
+One package per idea, each importing only from those listed after it:
+
+    cli/         the command line: parser, one module per command, what every job shares, figures
+    tune/        the race on dev (pure bookkeeping) and the verdict on test
+    evaluation/  reports and measures, next-token and classifier evaluation, the `evaluate` metric
+    text/        the transformers adapter: processor, ways into generate, lm-eval backend, custom_generate/
+    vision/      FocusClassifier, image models and data, GradCAM
+    method/      gate, focus set, losses, step, parameter selection, module views, cached prefix
+    config.py    FocusConfig and presets            resources/   model loaders, corpora, hub checks (leaves)
+
+Every name below is imported on first use, so ``import focus_decoding`` (and the command line's
+Ctrl-C handler) costs nothing before it is needed.
 """
-from .config import PRESETS, FocusConfig
-from .core import focus_classes, focus_loss, focus_step, is_uncertain, refine, sgd_steps, split_parameters, top2_gap
-from .decoding import disable, enable, focus_generate, generate, is_enabled, last_focus_stats, set_focus_config
-from .generation import FocusLogitsProcessor, FocusStats
-from .models import load_default_model
-from .report import FocusReport, markdown_table
+from __future__ import annotations
 
-# Text evaluation pulls in `datasets`, vision needs the optional torchvision: import them on first use.
-_LAZY = {
-    "evaluate_next_token": "eval_text",
-    "load_texts": "data",
-    "FocusClassifier": "vision",
-    "ClassifierStats": "vision",
-    "load_classifier": "vision",
+import importlib
+
+from . import _compat
+
+__version__ = "0.3.0"
+
+# public name -> the module that defines it
+_NAMES = {
+    "FocusConfig": "config", "PRESETS": "config", "MODES": "config",
+    "focus_classes": "method", "focus_loss": "method", "focus_step": "method", "gate": "method",
+    "is_uncertain": "method", "refine": "method", "sgd_steps": "method", "split_parameters": "method",
+    "top2_gap": "method", "LOSSES": "method",
+    "FocusLogitsProcessor": "text", "FocusStats": "text", "enable": "text", "disable": "text", "is_enabled": "text",
+    "generate": "text", "focus_generate": "text", "last_focus_stats": "text", "set_focus_config": "text",
+    "export_generate": "text",
+    "FocusClassifier": "vision", "ClassifierStats": "vision", "load_classifier": "vision",
     "load_image_dataset": "vision",
-    "evaluate_classifier": "eval_vision",
-    "run_eval_vision": "cli_eval_vision",
+    "FocusReport": "evaluation", "markdown_table": "evaluation", "evaluate_next_token": "evaluation",
+    "evaluate_classifier": "evaluation",
+    "load_default_model": "resources", "load_texts": "resources",
+    "run_eval_vision": "cli.eval_vision",
 }
+__all__ = sorted(_NAMES)
 
-__all__ = ["FocusConfig", "PRESETS", "FocusReport", "markdown_table", "FocusLogitsProcessor", "FocusStats",
-           "enable", "disable", "is_enabled", "generate", "focus_generate", "last_focus_stats", "set_focus_config", "load_default_model", "focus_classes", "focus_loss", "focus_step", "is_uncertain",
-           "refine", "sgd_steps", "split_parameters", "top2_gap", *_LAZY]
-__version__ = "0.2.0"
+_compat.install(__name__)
 
 
-def __getattr__(name):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+def __getattr__(name: str):
+    if name in _NAMES:
+        value = getattr(importlib.import_module(f".{_NAMES[name]}", __name__), name)
+        globals()[name] = value  # once: the next access is a plain attribute
+        return value
     raise AttributeError(f"module 'focus_decoding' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_NAMES))

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence, Union
 
 MODES = ("ifo", "dofo", "entropy")  # the losses of method.LOSSES
+MODE_LABELS = {"ifo": "iFo (raise focus logits)", "dofo": "doFo (lower other logits)",
+               "entropy": "entropy minimisation (baseline)"}
 STEP_RULES = ("fixed", "normalized")
 # Algorithm 1 of the method (its vision defaults); the method has none for entropy: iFo's, the smaller one.
 DEFAULT_LR = {"ifo": 1.6e-5, "dofo": 2.56e-4, "entropy": 1.6e-5}
@@ -28,6 +30,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 ParamsSelector = Union[str, Sequence[str]]
+WRITTEN_BY = "written_by"  # key of a config file a program wrote: loaded strictly
 
 
 @dataclass(frozen=True)
@@ -36,7 +39,8 @@ class FocusConfig:
 
     Args:
         mode: ``"ifo"`` raises the focus logits (loss = -mean focus logits); ``"dofo"`` lowers
-            all the others (loss = +mean of the other logits).
+            all the others (loss = +mean of the other logits); ``"entropy"`` minimises the softmax
+            entropy (the one-input form of TENT's objective, a baseline: the focus set is not used).
         n_focus: how many of the most likely classes form the focus set (>= 1, < number of classes).
         threshold: refine only when p(top1) - p(top2) < threshold; in (0, 1]. 1.0 refines everything
             except exact certainty.
@@ -93,7 +97,7 @@ class FocusConfig:
                 raise ValueError("FocusConfig.lr is the parameter of step_rule='fixed'; with step_rule='normalized' "
                                  f"set tau instead (got lr={self.lr!r})")
             set_("tau", _positive(DEFAULT_TAU if self.tau is None else self.tau, "tau"))
-        set_("params", _normalise_params(self.params))
+        set_("params", normalise_params(self.params))
 
     @property
     def last_blocks(self) -> int | None:
@@ -107,6 +111,17 @@ class FocusConfig:
         """``"lr=1e-4"`` or ``"tau=0.5"``: the step's one parameter, for tables and progress bars."""
         return f"lr={self.lr:g}" if self.step_rule == "fixed" else f"tau={self.tau:g}"
 
+    @property
+    def step_value(self) -> float:
+        """The step's one number: ``lr`` (fixed rule) or ``tau`` (normalized)."""
+        return self.lr if self.step_rule == "fixed" else self.tau
+
+    @property
+    def label(self) -> str:
+        """``"ifo last:2 lr=0.001"``: mode, parameters and step, the one label of tables, plots and progress bars."""
+        params = self.params if isinstance(self.params, str) else "+".join(self.params)
+        return f"{self.mode} {params} {self.step_size_label}"
+
     @classmethod
     def preset(cls, name: str, mode: str = "ifo", **overrides: Any) -> "FocusConfig":
         """The step the method used (or this package measured) for model ``name`` in ``mode``; ``overrides`` win."""
@@ -119,6 +134,8 @@ class FocusConfig:
         if {"lr", "tau", "step_rule"} & set(overrides):  # an explicit step replaces the preset's step
             for name_ in ("lr", "tau", "step_rule"):
                 fields.pop(name_, None)
+            if "step_rule" not in overrides:  # tau alone means the normalized rule, lr alone the fixed one
+                overrides = {**overrides, "step_rule": "normalized" if overrides.get("tau") is not None else "fixed"}
         return cls.from_dict({"mode": mode, **fields, **overrides})
 
     def to_dict(self) -> dict[str, Any]:
@@ -130,14 +147,30 @@ class FocusConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "FocusConfig":
-        """Inverse of ``to_dict``; unknown keys or a non-mapping raise ``ValueError``."""
+        """Inverse of ``to_dict``; unknown keys or a non-mapping raise ``ValueError``.
+
+        A hand-written dict may leave fields out: they take their defaults. A dict holding
+        ``"written_by"`` (the ``focus_config.json`` that ``tune`` writes) is loaded strictly: every field
+        must be there, so an edited file that lost ``lr`` or ``mode`` is an error naming them, never the
+        defaults in their place.
+        """
         if not isinstance(data, Mapping):
             raise ValueError(f"FocusConfig.from_dict needs a dict of FocusConfig fields, got {type(data).__name__}")
         allowed = [f.name for f in dataclasses.fields(cls)]
+        data = dict(data)
+        written_by = data.pop(WRITTEN_BY, None)
         unknown = set(data) - set(allowed)
         if unknown:
             raise ValueError(f"unknown FocusConfig field(s) {sorted(map(str, unknown))}; allowed: {allowed}")
-        return cls(**dict(data))
+        missing = [name for name in allowed if name not in data]
+        if written_by is not None and missing:
+            raise ValueError(f"this FocusConfig was written by {written_by} with every field, and {missing} are "
+                             "missing now; restore them (or remove 'written_by' to take the defaults)")
+        return cls(**data)
+
+    def to_file_dict(self, written_by: str) -> dict[str, Any]:
+        """``to_dict()`` marked as written by a program (``from_dict`` then loads it strictly)."""
+        return {WRITTEN_BY: written_by, **self.to_dict()}
 
     @classmethod
     def coerce(cls, value: "FocusConfig | Mapping[str, Any]") -> "FocusConfig":
@@ -166,19 +199,28 @@ def _positive(x: Any, field: str) -> float:
     return float(x)
 
 
-def _normalise_params(params: ParamsSelector) -> ParamsSelector:
+def normalise_params(params: ParamsSelector) -> ParamsSelector:
+    """A selector in its one form: ``"all"``, ``"last:N"`` (N without leading zeros) or a tuple of patterns."""
+    if isinstance(params, str) and not params.strip():
+        params = ()
     if isinstance(params, str):
+        params = params.strip()
         if params == "all":
             return params
         if params.startswith("last:"):
             n = params[5:]
-            if not n.isdigit() or int(n) < 1:
+            if not (n.isascii() and n.isdigit()) or int(n) < 1:
                 raise ValueError(f"FocusConfig.params 'last:N' needs an integer N >= 1, got {params!r}")
-            return params
-        if params.strip():
-            return (params,)  # a single name pattern
-    elif isinstance(params, Sequence) and params and all(isinstance(p, str) and p.strip() for p in params):
-        return tuple(params)
+            return f"last:{int(n)}"
+        return (params,)  # a single name pattern
+    if isinstance(params, Sequence) and params and all(isinstance(p, str) and p.strip() for p in params):
+        words = [p for p in params if p.strip() == "all" or p.strip().startswith("last:")]
+        if words and len(params) > 1:
+            raise ValueError(f"FocusConfig.params: {words[0]!r} selects on its own and cannot be combined with other "
+                             f"patterns (got {list(params)!r}); allowed: 'all', 'last:N' or a list of name patterns")
+        if words:
+            return normalise_params(words[0])
+        return tuple(p.strip() for p in params)
     raise ValueError(
         "FocusConfig.params must be 'all', 'last:N' (N >= 1) or a non-empty list of non-empty parameter name "
         f"patterns, got {params!r}")

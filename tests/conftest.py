@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from focus_decoding.models import tiny_causal_lm
+from focus_decoding.resources.models import tiny_causal_lm
 
 
 def need(module: str, why: str = "", *, module_level: bool = False):
@@ -46,7 +46,7 @@ def tiny_tokenizer():
 @pytest.fixture(scope="session")
 def default_model():
     """(model, tokenizer) of the embedded SmolLM2-135M-Instruct, loaded once per session."""
-    from focus_decoding.models import load_default_model
+    from focus_decoding.resources.models import load_default_model
 
     try:
         return load_default_model()

@@ -11,7 +11,7 @@ import copy
 import torch
 from torch import nn
 
-from focus_decoding.models import tiny_causal_lm
+from focus_decoding.resources.models import tiny_causal_lm
 
 RTOL = ATOL = 1e-10  # float64 comparisons of a fast path with the reference
 

@@ -1,4 +1,4 @@
-"""The command line: every subcommand in-process on tiny models, errors, Ctrl-C + --resume, --select-lr, 2 processes."""
+"""The command line: every subcommand in-process on tiny models, errors, Ctrl-C + --resume, 2 processes."""
 import collections
 import json
 import os
@@ -12,9 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from focus_decoding import cli, data, eval_text, runs
+from focus_decoding import cli
+from focus_decoding.resources import corpora as data
+from focus_decoding.evaluation import next_token as eval_text
+from focus_decoding.cli import common as runs
 from focus_decoding.config import FocusConfig
-from focus_decoding.report import FocusReport
+from focus_decoding.evaluation.report import FocusReport
 
 TINY = ["--model", "tiny-llama", "--no-progress"]
 TEXT = "The quick brown fox jumps over the lazy dog. Pack my box with five dozen jugs."
@@ -81,10 +84,11 @@ def test_eval_text_writes_json_markdown_png_equal_to_the_library_call(tmp_path, 
     (["generate", *TINY], dict(step_rule="fixed", lr=FocusConfig().lr)),  # no preset for other models
     (["generate", *TINY, "--tau", "2", "--params", "last:1", "--n-focus", "3"],
      dict(step_rule="normalized", tau=2.0, params="last:1", n_focus=3)),
-    (["eval-text", "--params", "lm_head, model.norm"], dict(params=("lm_head", "model.norm"))),
+    (["eval-text", "--params", "lm_head + model.norm"], dict(params=("lm_head", "model.norm"))),
+    (["eval-text", "--params", "last:02"], dict(params="last:2")),
 ])
 def test_config_from_args(argv, expected):
-    config = cli.config_from_args(cli.build_parser().parse_args(argv))
+    config = cli.parser.config_from_args(cli.parser.build_parser().parse_args(argv))
     assert {k: getattr(config, k) for k in expected} == expected
 
 
@@ -94,6 +98,7 @@ def test_config_from_args(argv, expected):
     (["generate", "--model", "tiny-llama", "--n-focus", "0"], "n_focus"),
     (["eval-text", "--model", "tiny-llama", "--params", "last:99", "--max-texts", "1"], "last:99"),
     (["eval-text", "--select-lr", "1e-4,abc"], "select-lr"),
+    (["eval-text", "--model", "tiny-llama", "--params", "lm_head,model.norm"], "join the patterns"),
     (["eval-text", "--model", "tiny-llama", "--resume"], "--out"),
 ])
 def test_bad_arguments_exit_2_with_one_line_message(argv, needle, capsys):
@@ -149,7 +154,8 @@ def test_interrupt_then_resume_equals_uninterrupted(signum, tmp_path, corpus, mo
 
 KILL_AFTER_FIRST_WINDOW = """
 import os, signal, sys
-from focus_decoding import cli, eval_text
+from focus_decoding import cli
+from focus_decoding.evaluation import next_token as eval_text
 real = eval_text.evaluate_next_token
 def killed(*args, on_window=None, **kwargs):
     def stop(index, report):
@@ -247,7 +253,10 @@ def test_rerun_without_resume_refuses_to_replace_partial_results(tmp_path, corpu
     monkeypatch.undo()
     assert cli.main([*common, "--overwrite"]) == 0
     assert not (out / "partial.json").exists() and (out / "eval_text.json").exists()
-    assert cli.main([*common, "--lr", "1"]) == 0  # finished results are no partial: a rerun needs no flag
+    capsys.readouterr()
+    assert cli.main([*common, "--lr", "1"]) == 2  # another run's finished results are never replaced silently
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "eval_text.json" in err and "--lr 30.0, this run has 1.0" in err
 
 
 def test_results_that_fail_to_write_keep_the_partial_file(tmp_path, corpus, monkeypatch, capsys):
@@ -276,24 +285,13 @@ def test_resume_refuses_partials_of_another_process_count(tmp_path, corpus, caps
     assert "partial.rank0.json, partial.rank1.json" in err and "this run has 1" in err
 
 
-def test_select_lr_picks_on_dev_and_reports_test(tmp_path, capsys):
-    grid = [1e-3, 30.0, 300.0]
-    args = ["eval-text", *TINY, "--max-texts", "4", "--context-length", "8", "--max-uncertain", "6",
-            "--threshold", "0.04", "--select-lr", ",".join(map(str, grid)), "--out", str(tmp_path)]
-    assert cli.main(args) == 0
-    saved = json.loads((tmp_path / "select_lr.json").read_text())
-    dev_dc = [row["delta_corr"] for row in saved["dev"]]
-    assert [row["config"]["lr"] for row in saved["dev"]] == grid
-    assert saved["chosen_lr"] == grid[dev_dc.index(max(dev_dc))]
-    dev, test = data.split_dev_test(data.load_texts(max_texts=4), dev_fraction=0.5, seed=0)
-    assert dev and test and not set(dev) & set(test)
-    assert (saved["dev_texts"], saved["test_texts"]) == (len(dev), len(test))
-    model, tok = runs.load_model("tiny-llama")
-    cfg = FocusConfig(threshold=0.04, lr=saved["chosen_lr"])
-    on_test = eval_text.evaluate_next_token(model, tok, test, cfg, context_length=8, max_uncertain=6, progress=False)
-    assert totals(load_report(tmp_path / "select_lr.json")) == totals(on_test)
-    printed = capsys.readouterr().out
-    assert "dev (selection)" in printed and "test (reported)" in printed and (tmp_path / "select_lr_dev.png").exists()
+def test_select_lr_is_refused_naming_tune(tmp_path, capsys):
+    """The one dev/test selector is tune's race: eval-text's old --select-lr says so, before any work."""
+    args = ["eval-text", *TINY, "--select-lr", "1e-3,30", "--out", str(tmp_path)]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "tune --lrs 1e-3,30 --exhaustive" in err
+    assert not any(tmp_path.iterdir())  # refused before anything was written
 
 
 def test_two_accelerate_processes_equal_one(tmp_path):
@@ -332,7 +330,7 @@ def test_eval_vision_writes_reports(tmp_path, capsys):
 
 @pytest.mark.default_model
 def test_default_model_generate_uses_its_preset(default_model, monkeypatch, tmp_path, capsys):
-    from focus_decoding import models
+    from focus_decoding.resources import models
     from focus_decoding.config import PRESETS
 
     monkeypatch.setattr(models, "load_default_model", lambda: default_model)  # loaded once per session
@@ -345,7 +343,7 @@ def test_default_model_generate_uses_its_preset(default_model, monkeypatch, tmp_
 
 @pytest.mark.default_model
 def test_gguf_file_as_model(default_model, tmp_path, monkeypatch):
-    from focus_decoding import models
+    from focus_decoding.resources import models
 
     gguf = models.default_model_path()
     real, loaded = models.load_causal_lm, []

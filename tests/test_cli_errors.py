@@ -10,7 +10,9 @@ import time
 
 import pytest
 
-from focus_decoding import cli, models, runs
+from focus_decoding import cli
+from focus_decoding.resources import models
+from focus_decoding.cli import common as runs
 
 TINY = ["--model", "tiny-llama", "--no-progress"]
 
@@ -159,8 +161,8 @@ def test_out_in_a_read_only_place(tmp_path, corpus, model_not_loaded, capsys):
     (["eval-text", "--max-uncertain", "-3"], ["--max-uncertain", ">= 0", "'-3'"]),
     (["eval-text", "--context-length", "0"], ["--context-length", ">= 1"]),
     (["eval-text", "--max-texts", "two"], ["--max-texts", "'two'"]),
-    (["eval-text", "--dev-fraction", "1.5"], ["--dev-fraction", "(0, 1)"]),
-    (["eval-text", "--select-lr", "1e-4,-1"], ["--select-lr", "> 0"]),
+    (["tune", "--dev-fraction", "1.5"], ["--dev-fraction", "(0, 1)"]),
+    (["tune", "--lrs", "1e-4,-1"], ["--lrs", "> 0"]),
     (["generate", "--max-new-tokens", "0"], ["--max-new-tokens", ">= 1"]),
     (["generate", "--seed", "-1"], ["--seed", ">= 0"]),
     (["generate", "--step-rule", "adam"], ["--step-rule", "'fixed', 'normalized'"]),
@@ -211,8 +213,9 @@ def test_device_this_machine_does_not_have(count, device, needles, monkeypatch, 
     (["--stride", "16"], ["--stride 16", "--context-length 8", "allowed: 1..8"]),
     (["--resume"], ["--resume needs --out"]),
     (["--resume", "--overwrite", "--out", "x"], ["--resume", "--overwrite", "pass one"]),
-    (["--resume", "--select-lr", "1,2", "--out", "x"], ["--resume cannot be combined with --select-lr"]),
-    (["--step-rule", "normalized", "--select-lr", "1,2"], ["--select-lr", "--step-rule fixed"]),
+    (["--resume", "--select-lr", "1,2", "--out", "x"], ["--select-lr was replaced by tune"]),
+    (["--select-lr", "1e-4,-1"], ["--select-lr", "replaced by tune"]),
+    (["--step-rule", "normalized", "--select-lr", "1,2"], ["--select-lr", "tune --lrs 1,2 --exhaustive"]),
 ])
 def test_eval_text_option_combinations(extra, needles, corpus, model_not_loaded, capsys):
     one_line_error(["eval-text", *TINY, "--dataset", corpus, "--context-length", "8", *extra], capsys, *needles,
@@ -232,7 +235,7 @@ def test_partial_file_without_a_fingerprint_is_refused(tmp_path, corpus, capsys)
     partial = tmp_path / "partial.json"
     partial.write_text(json.dumps({"window": 0, "config": {}, "report": {}}))  # what older versions wrote
     one_line_error(["eval-text", *TINY, "--dataset", corpus, "--out", str(tmp_path), "--resume"], capsys,
-                   str(partial), "missing 'fingerprint'")
+                   str(partial), "no fingerprint")
 
 
 @pytest.mark.vision

@@ -3,7 +3,10 @@ import json
 
 import pytest
 
-from focus_decoding import cli, cli_tune, eval_text, runs
+from focus_decoding import cli
+from focus_decoding.evaluation import next_token as eval_text
+from focus_decoding.tune import dev as tune_dev
+from focus_decoding.cli import common as runs
 from focus_decoding.config import FocusConfig
 
 DOCS = ["the cat sat on the mat. the dog sat on the log. a cat and a dog met on the mat. " * 3,
@@ -11,13 +14,6 @@ DOCS = ["the cat sat on the mat. the dog sat on the log. a cat and a dog met on 
         "The quick brown fox jumps over the lazy dog, then naps in the warm afternoon sun. " * 3,
         "Sphinx of black quartz, judge my vow. Jackdaws love my big sphinx of quartz. " * 3]
 GRID = ["--lrs", "1e-3,30", "--params", "last:2,all"]
-
-
-@pytest.fixture(autouse=True)
-def tune_wired(monkeypatch):
-    """Until the lead wires ``tune`` into cli.py's parser: the same wiring, for these tests only."""
-    if "tune" not in cli.JOBS:
-        monkeypatch.setitem(cli.JOBS, "tune", (cli_tune, "choose a focus setting on dev, judge it on test"))
 
 
 @pytest.fixture
@@ -30,7 +26,7 @@ def corpus(tmp_path):
 def tune_args(corpus, out, *extra):
     return ["tune", "--model", "tiny-llama", "--no-progress", "--dataset", corpus, "--context-length", "32",
             "--dev-max-uncertain", "24", "--test-max-uncertain", "16", "--threshold", "0.3", *GRID,
-            "--out", str(out), *extra]
+            "--min-test-uncertain", "8", "--out", str(out), *extra]
 
 
 def stable(path):
@@ -84,7 +80,7 @@ def test_ctrl_c_then_resume_reproduces_the_uninterrupted_run(tmp_path, corpus, m
         return real(*args, **kwargs)
 
     out = tmp_path / "resumed"
-    monkeypatch.setattr(eval_text, "refine_position", ctrl_c)
+    patch_refine(monkeypatch, ctrl_c)
     assert cli.main(args(out)) == 130
     saved = json.loads((out / "partial.json").read_text())["resume"]
     if phase == "race":
@@ -92,11 +88,17 @@ def test_ctrl_c_then_resume_reproduces_the_uninterrupted_run(tmp_path, corpus, m
     else:
         assert saved["race"]["race"]["n_seen"] == 24 and saved["test"]["window"] == 0
     assert not (out / "tune.json").exists()
-    monkeypatch.setattr(eval_text, "refine_position", real)
+    patch_refine(monkeypatch, real)
     assert cli.main(args(out, "--resume")) == 0
     assert "resuming" in capsys.readouterr().err
     assert stable(out) == full
     assert not (out / "partial.json").exists()
+
+
+def patch_refine(monkeypatch, fn) -> None:
+    """Replace refine_position where the dev race and the test evaluation call it."""
+    for module in (tune_dev, eval_text):
+        monkeypatch.setattr(module, "refine_position", fn)
 
 
 def test_resume_refuses_another_run_and_names_the_field(tmp_path, corpus, monkeypatch, capsys):
@@ -105,9 +107,9 @@ def test_resume_refuses_another_run_and_names_the_field(tmp_path, corpus, monkey
     def ctrl_c(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(eval_text, "refine_position", ctrl_c)
+    patch_refine(monkeypatch, ctrl_c)
     assert cli.main(tune_args(corpus, tmp_path)) == 130
-    monkeypatch.setattr(eval_text, "refine_position", real)
+    patch_refine(monkeypatch, real)
     capsys.readouterr()
     assert cli.main(tune_args(corpus, tmp_path, "--resume", "--alpha", "0.1")) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 from focus_decoding import FocusConfig, focus_classes, focus_loss, focus_step, is_uncertain, split_parameters, top2_gap
-from focus_decoding import core
-from focus_decoding.core import model_forward, refine
-from focus_decoding.models import tiny_causal_lm
+from focus_decoding import method
+from focus_decoding.method import model_forward, refine
+from focus_decoding.resources.models import tiny_causal_lm
 from reference import assert_exact, first_step_eta, naive_loss, naive_refine, normalized_lr, tiny_lm64
 
 F64 = torch.float64
@@ -86,11 +86,11 @@ def test_losses_on_raw_logits():
 # --------------------------------------------------------------------- float64 stays float64
 def test_core_keeps_float64():
     t = torch.ones(3, dtype=F64)
-    assert core.widen(t) is t  # widen must not narrow the reference precision
-    assert core.widen(torch.ones(2, dtype=torch.bfloat16)).dtype == torch.float32
+    assert method.widen(t) is t  # widen must not narrow the reference precision
+    assert method.widen(torch.ones(2, dtype=torch.bfloat16)).dtype == torch.float32
     # (1 + 2^-30)^2 = 1 + 2^-29 (+2^-60) in float64 but 1.0 in float32: the step size sees the difference
     cfg = FocusConfig(step_rule="normalized", tau=1.0)
-    eta = core.step_size(cfg, [torch.tensor([1 + 2 ** -30], dtype=F64)])
+    eta = method.step_size(cfg, [torch.tensor([1 + 2 ** -30], dtype=F64)])
     assert type(eta) is float and eta == 1 / (1 + 2 ** -29) != 1.0
     # parameters, gradients and the update stay float64 through sgd_steps and refine
     torch.manual_seed(0)
@@ -98,7 +98,7 @@ def test_core_keeps_float64():
     x = torch.linspace(-1, 1, 4, dtype=F64)
     trainable, frozen = split_parameters(lin, "all")
     fwd = model_forward(lin, x)
-    out = core.sgd_steps(lambda v: focus_loss(fwd(v), torch.tensor([0, 1]), "ifo"), trainable, frozen,
+    out = method.sgd_steps(lambda v: focus_loss(fwd(v), torch.tensor([0, 1]), "ifo"), trainable, frozen,
                          FocusConfig(lr=0.1, steps=2))
     assert {v.dtype for v in out.values()} == {F64}
     assert refine(fwd, trainable, frozen, torch.tensor([0, 1]), cfg).dtype == F64
@@ -161,21 +161,21 @@ def test_normalized_step_equals_naive_sgd_with_hand_computed_rate(arch, tied, pa
 
 def test_step_size_on_hand_made_gradients():
     fixed = FocusConfig(lr=0.125)
-    assert core.step_size(fixed, [torch.full((3,), 7.0)]) == 0.125  # the fixed rule ignores the gradient
+    assert method.step_size(fixed, [torch.full((3,), 7.0)]) == 0.125  # the fixed rule ignores the gradient
     cfg = FocusConfig(step_rule="normalized", tau=2.0)
     # 3^2 + 4^2 + 12^2 = 169; a parameter without a gradient (None) adds nothing
     grads = [torch.tensor([3.0, 4.0], dtype=F64), None, torch.tensor([[12.0]], dtype=F64)]
-    eta = core.step_size(cfg, grads)
+    eta = method.step_size(cfg, grads)
     assert type(eta) is float and eta == 2.0 / 169
     # nothing to follow: eta 0, never inf or nan
-    assert core.step_size(cfg, [torch.zeros(4, dtype=F64), None]) == 0.0
-    assert core.step_size(cfg, [None]) == 0.0
+    assert method.step_size(cfg, [torch.zeros(4, dtype=F64), None]) == 0.0
+    assert method.step_size(cfg, [None]) == 0.0
     # per input (dimension 0), each with its own norm; a zero row gets 0 without touching the others
     g1 = torch.tensor([[3.0, 4.0], [0.0, 0.0], [1.0, 0.0]], dtype=F64)
     g2 = torch.tensor([[[12.0]], [[0.0]], [[0.0]]], dtype=F64)
-    assert core.step_size(cfg, [g1, None, g2], batched=True).tolist() == [2.0 / 169, 0.0, 2.0]
+    assert method.step_size(cfg, [g1, None, g2], batched=True).tolist() == [2.0 / 169, 0.0, 2.0]
     # float16 gradients: 300^2 overflows float16 (max 65504); the norm is taken in float32
-    half = core.step_size(cfg, [torch.tensor([300.0], dtype=torch.float16)])
+    half = method.step_size(cfg, [torch.tensor([300.0], dtype=torch.float16)])
     assert half == pytest.approx(2.0 / 90000, rel=1e-6)
 
 
@@ -199,7 +199,7 @@ def test_normalized_step_counts_a_tied_weight_once():
     trainable, frozen = split_parameters(model, "all")
     assert list(trainable) == ["a.weight"]  # one tensor, under its first name
     cfg = FocusConfig(step_rule="normalized", tau=0.5)
-    new = core.sgd_steps(lambda v: focus_loss(model_forward(model, x)(v), focus, "ifo"), trainable, frozen, cfg)
+    new = method.sgd_steps(lambda v: focus_loss(model_forward(model, x)(v), focus, "ifo"), trainable, frozen, cfg)
     # by hand: the gradient of the one shared tensor sums both uses; its squared norm is counted once
     clone = copy.deepcopy(model)
     (g,) = torch.autograd.grad(naive_loss(clone(x), focus, "ifo"), [clone.a.weight])
@@ -210,10 +210,10 @@ def test_normalized_step_counts_a_tied_weight_once():
 
 
 def test_zero_gradient_gives_no_step_and_one_warning(monkeypatch, recwarn):
-    monkeypatch.setattr(core, "_warned_no_change", False)  # restored after the test: no order dependence
+    monkeypatch.setattr(method.step, "_warned_no_change", False)  # restored after the test: no order dependence
     w = torch.tensor([1.0, -2.0], dtype=F64)
     cfg = FocusConfig(step_rule="normalized", tau=1.0, steps=2)
-    out = core.sgd_steps(lambda v: (v["w"] * 0.0).sum(), {"w": w}, {}, cfg)
+    out = method.sgd_steps(lambda v: (v["w"] * 0.0).sum(), {"w": w}, {}, cfg)
     assert torch.equal(out["w"], w)  # eta = 0: not nan (0 / 0) and not inf (tau / 0)
     assert sum("changed no parameter" in str(r.message) for r in recwarn.list) == 1
 
@@ -265,7 +265,7 @@ def test_step_under_inference_mode_matches_plain(rule):
     def run():
         ids = torch.arange(3, 11)[None]
         logits = model(ids).logits[0, -1]
-        fwd = model_forward(model, core.as_normal_tensor(ids), select=lambda o: o.logits[0, -1])
+        fwd = model_forward(model, method.as_normal_tensor(ids), select=lambda o: o.logits[0, -1])
         return focus_step(fwd, logits, trainable, frozen, cfg).logits
 
     with torch.no_grad():
@@ -319,19 +319,19 @@ def test_low_precision_update_is_rounded_once(dtype, in_place):
     assert int((twice != once).sum()) >= 8  # so this data tells one rounding from two
     if in_place:
         buf = g.clone()
-        out = core.sgd_update_(p, buf, lr)
+        out = method.sgd_update_(p, buf, lr)
         assert out.data_ptr() == buf.data_ptr()  # written into the gradient buffer: no new memory
     else:
-        out = core.sgd_update(p, g, lr)
+        out = method.sgd_update(p, g, lr)
     assert out.dtype == dtype and torch.equal(out, once)
     # per-input rates (the normalized rule, batched): a [B] eta against [B, N] gradients; param broadcasts
     rows = torch.tensor([0.3125, 0.6875, 1.5])
     gb = torch.stack([_grid(gen, 256) for _ in rows]).to(dtype)
     expected = (p.double() - rows.double()[:, None] * gb.double()).to(dtype)
     if in_place:
-        out = core.sgd_update_(p.expand_as(gb).clone(), gb.clone(), rows)
+        out = method.sgd_update_(p.expand_as(gb).clone(), gb.clone(), rows)
     else:
-        out = core.sgd_update(p, gb, rows)
+        out = method.sgd_update(p, gb, rows)
     assert torch.equal(out, expected)
 
 
@@ -363,7 +363,7 @@ def test_low_precision_step_end_to_end(dtype):
         want, twice = by_hand(x, focus)
         differs += int((twice != want["weight"]).sum())
         fwd = model_forward(lin, x)
-        got = core.sgd_steps(lambda v: focus_loss(fwd(v), focus, cfg.mode), trainable, frozen, cfg)
+        got = method.sgd_steps(lambda v: focus_loss(fwd(v), focus, cfg.mode), trainable, frozen, cfg)
         assert torch.equal(got["weight"], want["weight"]) and torch.equal(got["bias"], want["bias"])
         res = focus_step(fwd, logits, trainable, frozen, cfg)  # the emitted logits: the forward with those values
         assert res.refined and torch.equal(res.logits, nn.functional.linear(x, want["weight"], want["bias"]))
@@ -371,15 +371,15 @@ def test_low_precision_step_end_to_end(dtype):
         focuses.append(focus)
     assert differs > 0  # two roundings would give other weights for these inputs
     # the batched (vmap) path: every input its own parameters, same bitwise result
-    view = core.module_view(lin)
+    view = method.module_view(lin)
     loss = lambda values, xi, fi: focus_loss(torch.func.functional_call(view, values, (xi,)), fi, cfg.mode)  # noqa: E731
-    batched = core.batched_sgd_steps(loss, trainable, cfg, xs, torch.stack(focuses))
+    batched = method.batched_sgd_steps(loss, trainable, cfg, xs, torch.stack(focuses))
     for i, want in enumerate(expected):
         assert torch.equal(batched["weight"][i], want["weight"]) and torch.equal(batched["bias"][i], want["bias"])
 
 
 def test_tiny_lr_in_bf16_warns_once(monkeypatch, recwarn):
-    monkeypatch.setattr(core, "_warned_no_change", False)  # restored after the test: no order dependence
+    monkeypatch.setattr(method.step, "_warned_no_change", False)  # restored after the test: no order dependence
     lin = nn.Linear(8, 4).to(torch.bfloat16)
     x = torch.ones(8, dtype=torch.bfloat16)
     trainable, frozen = split_parameters(lin, "all")

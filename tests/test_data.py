@@ -4,8 +4,9 @@ import time
 
 import pytest
 
-from focus_decoding import data, hub
-from focus_decoding.data import SAMPLE_PATH, load_texts, split_dev_test
+from focus_decoding.resources import corpora as data
+from focus_decoding.resources import hub
+from focus_decoding.resources.corpora import SAMPLE_PATH, load_texts, split_dev_test
 
 
 def test_bundled_sample_is_real_documented_prose():

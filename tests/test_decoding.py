@@ -15,11 +15,13 @@ from packaging.version import Version
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 import focus_decoding
-from focus_decoding import FocusConfig, decoding
-from focus_decoding.decoding import enable, export_generate, focus_generate, last_focus_stats
+from focus_decoding import FocusConfig
+from focus_decoding.text import ways_in as decoding
+from focus_decoding.text.folder import FOLDER_FLOOR, export_generate
+from focus_decoding.text.ways_in import enable, focus_generate, last_focus_stats
 
 CALLABLE = decoding.TRANSFORMERS >= decoding.CALLABLE_FLOOR
-FOLDER = decoding.TRANSFORMERS >= decoding.FOLDER_FLOOR
+FOLDER = decoding.TRANSFORMERS >= FOLDER_FLOOR
 PROMPTS = torch.tensor([[0, 0, 1, 5, 7], [1, 9, 11, 13, 4]])  # row 0 left-padded
 MASK = (PROMPTS != 0).long()
 CFG = FocusConfig(threshold=1.0, lr=1.0)
@@ -84,7 +86,7 @@ def test_a_gate_that_never_fires_is_plain_generate(tiny_lm, mode):
         assert out.focus_stats.totals["checked"] > 0 and out.focus_stats.totals["uncertain"] == 0
 
 
-@pytest.mark.skipif(not FOLDER, reason=f"custom_generate folders need transformers >= {decoding.FOLDER_FLOOR}")
+@pytest.mark.skipif(not FOLDER, reason=f"custom_generate folders need transformers >= {FOLDER_FLOOR}")
 @pytest.mark.parametrize("config", [CFG, CFG.to_dict()], ids=["FocusConfig", "dict"])
 def test_the_exported_folder_is_the_same_method(tiny_lm, assert_untouched, folder, config):
     model = tiny_lm("llama")
@@ -233,7 +235,7 @@ def test_fully_padded_row_generates_like_plain(tiny_lm):
 
 
 @pytest.mark.default_model
-@pytest.mark.skipif(not FOLDER, reason=f"custom_generate folders need transformers >= {decoding.FOLDER_FLOOR}")
+@pytest.mark.skipif(not FOLDER, reason=f"custom_generate folders need transformers >= {FOLDER_FLOOR}")
 def test_embedded_model_through_the_folder_and_the_callable(default_model, assert_untouched, folder):
     model, tok = default_model
     check = assert_untouched(model)

@@ -9,11 +9,12 @@ import copy
 import pytest
 import torch
 
-from focus_decoding import FocusConfig, core
-from focus_decoding.eval_text import (evaluate_next_token, refine_position, refine_positions_batched,
-                                      tokenize_stream, window_bounds)
-from focus_decoding.models import tiny_causal_lm
-from focus_decoding.report import MAX_K, FocusReport
+from focus_decoding import FocusConfig
+from focus_decoding import method
+from focus_decoding.evaluation import evaluate_next_token, tokenize_stream, window_bounds
+from focus_decoding.text.refine import refine_position, refine_positions_batched
+from focus_decoding.resources.models import tiny_causal_lm
+from focus_decoding.evaluation.report import MAX_K, FocusReport
 from reference import assert_exact, config_rate, naive_refine, tiny_lm64
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "Pack my box with five dozen liquor jugs!",
@@ -50,7 +51,7 @@ def assert_untouched(model, before, requires_grad, training):
 def _gaps(model, texts, context_length):
     stream = tokenize_stream(TOK, texts)
     with torch.no_grad():
-        return core.top2_gap(model(stream[None, :context_length]).logits[0]).sort().values
+        return method.top2_gap(model(stream[None, :context_length]).logits[0]).sort().values
 
 
 def gap_quantile_threshold(model, texts, context_length, q=0.3):
@@ -206,7 +207,7 @@ def test_model_untouched_also_after_errors(monkeypatch):
         calls.append(1)
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(core, "focus_loss", failing_loss)
+    monkeypatch.setattr(method.step, "focus_loss", failing_loss)
     with pytest.raises(RuntimeError, match="boom"):
         evaluate_next_token(model, TOK, TEXTS, config, context_length=8, progress=False)
     assert calls
@@ -226,7 +227,7 @@ def test_batched_positions_equal_one_by_one(arch, steps, params, rule):
     ids = tokenize_stream(TOK, TEXTS[:1])[None, :16]
     with torch.no_grad():
         logits = model(ids).logits[0]
-    trainable, frozen = core.split_parameters(model, config.params)
+    trainable, frozen = method.split_parameters(model, config.params)
     names = set(trainable)
     positions = [3, 7, 8, 15]
     batched = refine_positions_batched(model, ids, logits, positions, trainable, frozen, config)
@@ -263,7 +264,7 @@ def test_bad_arguments_name_the_field(kwargs, field):
 
 @pytest.mark.default_model
 def test_default_model_on_bundled_sample(default_model):
-    from focus_decoding.data import load_texts
+    from focus_decoding.resources.corpora import load_texts
 
     model, tokenizer = default_model  # loaded once per session (conftest)
     before = {n: p.detach().clone() for n, p in list(model.named_parameters())[-3:]}
@@ -280,13 +281,13 @@ def test_default_model_on_bundled_sample(default_model):
     stream = tokenize_stream(tokenizer, texts)[None, :24]
     with torch.no_grad():
         logits = model(stream).logits[0]
-    t = int(torch.nonzero(core.is_uncertain(logits, config.threshold))[0])
+    t = int(torch.nonzero(method.is_uncertain(logits, config.threshold))[0])
     ctx = stream[:, :t + 1]
     assert config.params == "last:2"  # the preset: the cached path through the top two of 30 blocks
     top2 = lambda name: name.startswith(("model.layers.28.", "model.layers.29.", "model.norm."))  # noqa: E731
     expected = naive_refine(model, lambda m: m(ctx).logits[0, -1], logits[t].topk(config.n_focus).indices, config.mode,
                             config.lr, config.steps, select=top2)
-    trainable, frozen = core.split_parameters(model, config.params)
+    trainable, frozen = method.split_parameters(model, config.params)
     got = refine_position(model, stream, logits[t], t, trainable, frozen, config)
     torch.testing.assert_close(got.logits, expected, rtol=1e-3, atol=1e-3)  # float32 on a real model: one small step
     top2 = expected.topk(2).values

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from focus_decoding import core, eval_text
-from focus_decoding.runs import load_model
+from focus_decoding import method
+from focus_decoding.evaluation import next_token as eval_text
+from focus_decoding.cli.common import load_model
 from focus_decoding.config import FocusConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,16 +93,16 @@ def test_steps_predictions_match_separate_refinements(tiny):
     with torch.no_grad():
         logits = model(ids).logits[0]
     config = FocusConfig(lr=30.0, threshold=1.0)
-    trainable, frozen = core.split_parameters(model, config.params)
+    trainable, frozen = method.split_parameters(model, config.params)
     before = snapshot(model)
     changed = 0
     for t in (5, 11):
         multi, single = exp.steps_predictions(model, ids, t, logits[t], trainable, frozen, config, 30.0, (0, 1, 2))
         fwd = exp.position_forward(model, ids, t)
         for p in (0, 1, 2):
-            # the reference: core.focus_step run from scratch for each configuration
-            ref_multi = core.focus_step(fwd, logits[t], trainable, frozen, FocusConfig(lr=30.0, threshold=1.0, steps=2 ** p))
-            ref_single = core.focus_step(fwd, logits[t], trainable, frozen, FocusConfig(lr=30.0 * 2 ** p, threshold=1.0))
+            # the reference: method.focus_step run from scratch for each configuration
+            ref_multi = method.focus_step(fwd, logits[t], trainable, frozen, FocusConfig(lr=30.0, threshold=1.0, steps=2 ** p))
+            ref_single = method.focus_step(fwd, logits[t], trainable, frozen, FocusConfig(lr=30.0 * 2 ** p, threshold=1.0))
             assert multi[p] == int(ref_multi.logits.argmax()) and single[p] == int(ref_single.logits.argmax())
             changed += int(multi[p] != int(logits[t].argmax()))
     assert changed > 0  # the comparison saw refinements that move the prediction
@@ -125,7 +126,7 @@ def test_combination_position_matches_naive_deepcopy_sgd(tiny):
     with torch.no_grad():
         logits = model(ids).logits[0]
     config = FocusConfig(lr=30.0, threshold=1.0)
-    trainable, frozen = core.split_parameters(model, config.params)
+    trainable, frozen = method.split_parameters(model, config.params)
     before = snapshot(model)
     logits_in, res = exp.combination_position(model, ids, t, logits[t], trainable, frozen, config, lr_in=1e-1)
     assert_untouched(model, before)

@@ -8,9 +8,10 @@ import pytest
 import torch
 from transformers import GenerationConfig, LogitsProcessorList
 
-from focus_decoding import FocusConfig, core
-from focus_decoding.decoding import disable, enable, is_enabled, last_focus_stats
-from focus_decoding.generation import FocusLogitsProcessor, FocusStats
+from focus_decoding import FocusConfig
+from focus_decoding import method
+from focus_decoding.text.ways_in import disable, enable, is_enabled, last_focus_stats
+from focus_decoding.text.processor import FocusLogitsProcessor, FocusStats
 from reference import naive_refine
 
 PROMPT = [1, 5, 7, 9, 11]
@@ -301,7 +302,7 @@ def test_low_precision_models(tiny_lm, assert_untouched, monkeypatch, dtype):
     out = greedy(model, n=3, focus_config=FocusConfig(threshold=1.0, lr=1.0))
     assert out.focus_stats.totals["refined"] == 3
     assert max_diff(out.scores[0], out.logits[0]) > 0.5  # a real update, not lost to rounding
-    monkeypatch.setattr(core, "_warned_no_change", False)
+    monkeypatch.setattr(method.step, "_warned_no_change", False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         tiny = greedy(model, n=2, focus_config=FocusConfig(threshold=1.0, lr=1e-12))

@@ -17,9 +17,10 @@ except ImportError:
         raise
     pytest.skip("needs the grad-cam package: pip install 'focus-decoding[gradcam]'", allow_module_level=True)
 
-from focus_decoding import core  # noqa: E402
-from focus_decoding.gradcam import (bound_view, class_activation_maps, default_target_layer,  # noqa: E402
-                                    gradcam_pairs, refined_parameters, write_gradcam)
+from focus_decoding import method  # noqa: E402
+from focus_decoding.vision.gradcam import (bound_view, class_activation_maps, default_target_layer,  # noqa: E402
+                                    gradcam_pairs, refined_parameters)
+from focus_decoding.cli.figures import write_gradcam  # noqa: E402
 from focus_decoding.vision import FocusClassifier  # noqa: E402
 
 pytestmark = pytest.mark.vision
@@ -72,10 +73,10 @@ def test_a_null_step_gives_the_same_map(tiny):
 def test_refined_parameters_are_the_classifiers(tiny):
     """The after-map's module computes the very logits FocusClassifier emits (loop: bitwise; vmap: fp32)."""
     model, x, _ = tiny
-    for method, exact in (("loop", True), ("vmap", False)):
-        base, out, _ = FocusClassifier(model, STEP, method=method).classify(x)
+    for path, exact in (("loop", True), ("vmap", False)):
+        base, out, _ = FocusClassifier(model, STEP, method=path).classify(x)
         for i in range(x.shape[0]):
-            view = bound_view(model, refined_parameters(core.module_view(model), x[i:i + 1], base[i], STEP))
+            view = bound_view(model, refined_parameters(method.module_view(model), x[i:i + 1], base[i], STEP))
             with torch.no_grad():
                 mine = view(x[i:i + 1])[0]
             if exact:
@@ -142,7 +143,7 @@ def test_picks_the_images_the_classifier_gates(tiny):
     model, _, _ = tiny
     x = torch.rand(12, 1, 8, 8, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        gaps = core.top2_gap(model(x))
+        gaps = method.top2_gap(model(x))
     cfg = FocusConfig(threshold=float(gaps.median()), lr=0.5)  # about half the images gated
     _, _, gate = FocusClassifier(model, cfg).classify(x)
     expected = gate.nonzero().flatten().tolist()

@@ -19,10 +19,12 @@ from lm_eval.models.huggingface import HFLM  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window  # noqa: E402
 
-from focus_decoding import FocusConfig, core, focus_generate, prefix  # noqa: E402
-from focus_decoding.eval_text import refine_position  # noqa: E402
-from focus_decoding.harness import FocusLM, resolve_pretrained  # noqa: E402
-from focus_decoding.models import char_tokenizer, tiny_causal_lm  # noqa: E402
+from focus_decoding import FocusConfig, focus_generate
+from focus_decoding import method
+from focus_decoding.method import prefix  # noqa: E402
+from focus_decoding.text.refine import refine_position  # noqa: E402
+from focus_decoding.text.harness import FocusLM, resolve_pretrained  # noqa: E402
+from focus_decoding.resources.models import char_tokenizer, tiny_causal_lm  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MC = [  # single-letter choices share context + delimiter, so HFLM's one-token logits cache groups them
@@ -102,13 +104,13 @@ def encode(tok, text: str) -> list[int]:
 def direct_loglikelihood(model, context: list[int], continuation: list[int], config: FocusConfig) -> tuple[float, bool]:
     """(summed log-probability, greedy) of ``continuation`` after ``context``, with the package's own functions:
     one forward, then ``refine_position`` (which gates) at every continuation position."""
-    view = core.module_view(model)
-    trainable, frozen = core.split_parameters(view, config.params)
+    view = method.module_view(model)
+    trainable, frozen = method.split_parameters(view, config.params)
     n_top = prefix.prefix_blocks(view, config)
     ids = torch.tensor([(context + continuation)[:-1]])
     with torch.no_grad():
         out = view(ids, use_cache=False, output_hidden_states=n_top is not None)
-    logits = core.widen(out.logits[0])
+    logits = method.widen(out.logits[0])
     kept = None if n_top is None else (n_top, prefix.window_states(out, view, n_top))
     total, greedy = 0.0, True
     for i, target in enumerate(continuation):
@@ -238,7 +240,7 @@ def test_generation_matches_focus_generate(tiny_dir, tiny, tasks):
 # ----------------------------------------------------------------------------- model_args
 @pytest.mark.parametrize("args, message", [
     ("mdoe=ifo", r"unknown model_args key\(s\) \['mdoe'\]; allowed: focus keys \['pretrained', 'mode'"),
-    ("mode=xfo", r"mode must be one of \('ifo', 'dofo'\), got 'xfo'"),
+    ("mode=xfo", r"mode must be one of \('ifo', 'dofo', 'entropy'\), got 'xfo'"),
     ("threshold=2", r"threshold must be a number in \(0, 1\]"),
     ("params=last:0", r"params 'last:N' needs an integer N >= 1"),
     ("steps=0", r"steps must be an integer >= 1"),

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import need
-from focus_decoding.report import FocusReport
+from focus_decoding.evaluation.report import FocusReport
 
 
 def hand_made():
@@ -43,7 +43,7 @@ def test_report_measures_by_hand():
 def test_metric_loads_and_computes_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    from focus_decoding.metric import METRIC_PATH, load
+    from focus_decoding.evaluation.metric import METRIC_PATH, load
 
     assert METRIC_PATH.is_file()
     metric = load()

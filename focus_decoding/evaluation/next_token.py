@@ -1,0 +1,188 @@
+"""Next-token evaluation of the method on text: sliding windows, one forward each, refine the uncertain.
+
+Every position of a window is predicted by one no-grad forward; each position whose top-1/top-2 gap
+is under the threshold is then refined exactly as in generation (context = the window up to and
+including that position, ``text.refine_position``), and the outcome goes into a ``FocusReport``.
+
+Example:
+    >>> from focus_decoding import FocusConfig
+    >>> from focus_decoding.evaluation import evaluate_next_token
+    >>> from focus_decoding.resources import tiny_causal_lm
+    >>> class Bytes:  # any tokenizer with __call__ -> {"input_ids"} and eos_token_id
+    ...     eos_token_id = 2
+    ...     def __call__(self, text, add_special_tokens=False):
+    ...         return {"input_ids": [3 + b % 90 for b in text.encode()]}
+    >>> report = evaluate_next_token(tiny_causal_lm(), Bytes(), ["hello world"] * 4,
+    ...                              FocusConfig(threshold=1.0, lr=1e-2), context_length=16, progress=False)
+    >>> report.n_total, report.n_uncertain == report.n_total
+    (46, True)
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .. import method
+from ..config import FocusConfig
+from ..method import prefix
+from ..text.refine import refine_position, refine_positions_batched
+from .report import MAX_K, TOPK_THRESHOLDS, FocusReport
+from .windows import scan, tokenize_stream, window_bounds
+
+OnWindow = Callable[[int, FocusReport], None]
+
+
+def evaluate_next_token(model: nn.Module, tokenizer, texts: Sequence[str], config: FocusConfig | Mapping, *,
+                        context_length: int = 128, stride: int | None = None, max_uncertain: int | None = None,
+                        max_tokens: int | None = None, batch_positions: int = 1,
+                        thresholds: Sequence[float] = TOPK_THRESHOLDS, progress: bool = True, name: str = "",
+                        start_window: int = 0, on_window: OnWindow | None = None,
+                        shard: tuple[int, int] | None = None) -> FocusReport:
+    """Score every next token of ``texts``; refine the uncertain ones one by one (or ``batch_positions`` at once)."""
+    config = FocusConfig.coerce(config)
+    stride = context_length if stride is None else stride
+    _validate(context_length, stride, max_uncertain, max_tokens, batch_positions, start_window, shard, thresholds)
+    rank, world = shard or (0, 1)
+    stream = tokenize_stream(tokenizer, texts).to(method.input_device(model))
+    if stream.numel() < 2:
+        raise ValueError("texts must give at least 2 tokens to score a next-token prediction")
+    bounds = window_bounds(stream.numel(), context_length, stride)
+    mine = [w for w in range(len(bounds)) if w >= start_window and w % world == rank]
+    report = FocusReport(name=name, topk_thresholds=list(thresholds), topk_counts=[0] * len(thresholds),
+                         topk_hits=[[0] * MAX_K for _ in thresholds], config=config.to_dict())
+    report.meta.update(model=_model_name(model), dataset=name, context_length=context_length, stride=stride,
+                       batch_positions=batch_positions, shard=[rank, world], start_window=start_window)
+    trainable, frozen = method.split_parameters(model, config.params)
+    n_top = prefix.prefix_blocks(model, config, warn=True)  # last:N: refine through the top blocks from kept states
+    if batch_positions > 1:
+        n_top = None  # the batched (vmap) path runs the full model
+    t0, refine_s = time.perf_counter(), 0.0
+    view = method.module_view(model)  # eval mode, private: other threads may use the model meanwhile
+    bar = _bar(scan(view, stream, bounds, config, windows=mine, depths=lambda: [n_top]), len(mine), progress, name)
+    # Refinements dominate the time: with a budget, a second bar counts them (ETA per refinement).
+    refined_bar = _NoBar() if not progress or max_uncertain is None else _refinement_bar(max_uncertain)
+    for win in bar:
+        w, labels = win.index, win.labels
+        n = _cut(labels.numel(), win.uncertain, report, max_uncertain, max_tokens)
+        report.add_predictions(win.scored[:n], labels[:n], method.top2_gap(win.scored[:n]))
+        positions = (win.first + torch.nonzero(win.uncertain[:n]).flatten()).tolist()
+        r0 = time.perf_counter()
+        base, focus, nonfinite = _refine_window(view, win.ids, win.logits, positions, trainable, frozen, config,
+                                                batch_positions, win.kept(n_top), tick=refined_bar.update)
+        refine_s += time.perf_counter() - r0
+        report.nonfinite += nonfinite
+        report.add_outcomes(stream[win.start + 1 + torch.tensor(positions, dtype=torch.long)].cpu(), base, focus)
+        report.seconds = time.perf_counter() - t0
+        report.meta.update(last_window=w, windows_done=report.meta.get("windows_done", 0) + 1)
+        _finish_meta(report, refine_s)
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix(uncertain=report.n_uncertain, delta_corr=report.delta_corr)
+        if on_window is not None:
+            on_window(w, report)
+        if n < labels.numel() or _limit_hit(report, max_uncertain, max_tokens):
+            break
+    refined_bar.close()
+    report.seconds = time.perf_counter() - t0
+    _finish_meta(report, refine_s)
+    return report
+
+
+# ----------------------------------------------------------------------------- refinement
+def _refine_window(model, ids, logits, positions, trainable, frozen, config, k,
+                   kept=None, tick=lambda n: None) -> tuple[Tensor, Tensor, int]:
+    """(unrefined top-1, emitted top-1, non-finite count) for the uncertain local ``positions``."""
+    base, focus, nonfinite = [], [], 0
+    for i in range(0, len(positions), k):
+        chunk = positions[i:i + k]
+        if k == 1:
+            results = [refine_position(model, ids, logits[chunk[0]], chunk[0], trainable, frozen, config, kept)]
+        else:
+            results = refine_positions_batched(model, ids, logits, chunk, trainable, frozen, config)
+        for t, res in zip(chunk, results):
+            base.append(int(logits[t].argmax()))
+            focus.append(int(res.logits.argmax()))
+            nonfinite += int(res.nonfinite)
+        tick(len(chunk))
+    return torch.tensor(base, dtype=torch.long), torch.tensor(focus, dtype=torch.long), nonfinite
+
+
+# ----------------------------------------------------------------------------- helpers
+def _cut(n_scored: int, uncertain: Tensor, report: FocusReport, max_uncertain, max_tokens) -> int:
+    """How many of this window's scored positions fit under ``max_tokens`` / ``max_uncertain``."""
+    n = n_scored
+    if max_tokens is not None:
+        n = min(n, max_tokens - report.n_total)
+    if max_uncertain is not None:
+        left = max_uncertain - report.n_uncertain
+        idx = torch.nonzero(uncertain[:n]).flatten()
+        if idx.numel() >= left:
+            n = int(idx[left - 1]) + 1 if left > 0 else 0
+    return n
+
+
+def _limit_hit(report: FocusReport, max_uncertain, max_tokens) -> bool:
+    return (max_uncertain is not None and report.n_uncertain >= max_uncertain) or \
+        (max_tokens is not None and report.n_total >= max_tokens)
+
+
+def _finish_meta(report: FocusReport, refine_s: float) -> None:
+    report.meta["seconds"] = report.seconds
+    report.meta["refine_seconds"] = refine_s
+    report.meta["uncertain_per_second"] = report.n_uncertain / refine_s if refine_s > 0 else float("nan")
+
+
+def _model_name(model: nn.Module) -> str:
+    cfg = getattr(model, "config", None)
+    path = str(getattr(cfg, "name_or_path", "") or "")
+    return path.rstrip("/").rsplit("/", 1)[-1] or getattr(cfg, "model_type", None) or type(model).__name__
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _refinement_bar(total: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="refined", unit="position", position=1, leave=False)
+
+
+def _bar(windows, total: int, progress: bool, name: str):
+    if not progress:
+        return windows
+    from tqdm.auto import tqdm
+
+    return tqdm(windows, total=total, desc=f"focus eval {name}".strip(), unit="window")
+
+
+def _validate(context_length, stride, max_uncertain, max_tokens, batch_positions, start_window, shard, thresholds):
+    def positive(value, field, allow_none=False):
+        if allow_none and value is None:
+            return
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{field} must be an integer >= 1{' or None' if allow_none else ''}, got {value!r}")
+
+    positive(context_length, "context_length")
+    positive(stride, "stride")
+    if stride > context_length:
+        raise ValueError(f"stride must be <= context_length ({context_length}), got {stride}")
+    positive(max_uncertain, "max_uncertain", allow_none=True)
+    positive(max_tokens, "max_tokens", allow_none=True)
+    positive(batch_positions, "batch_positions")
+    if isinstance(start_window, bool) or not isinstance(start_window, int) or start_window < 0:
+        raise ValueError(f"start_window must be an integer >= 0, got {start_window!r}")
+    if shard is not None:
+        if (not isinstance(shard, (tuple, list)) or len(shard) != 2
+                or not all(isinstance(x, int) and not isinstance(x, bool) for x in shard)
+                or not 0 <= shard[0] < shard[1]):
+            raise ValueError(f"shard must be (rank, world_size) with 0 <= rank < world_size, got {shard!r}")
+    if not thresholds or not all(isinstance(t, (int, float)) and 0 < t <= 1 and math.isfinite(t) for t in thresholds):
+        raise ValueError(f"thresholds must be a non-empty list of numbers in (0, 1], got {thresholds!r}")

@@ -1,0 +1,194 @@
+"""The step: its size, the functional SGD update, and Algorithm 1 for one input or many.
+
+Nothing here touches a model: a step differentiates the loss of a ``Forward`` (parameter values ->
+logits, see ``views.model_forward``) with respect to the selected values and writes
+``theta - eta * g`` into the gradient buffers, so no second copy of the weights exists.
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Iterator, Mapping, Sequence
+
+import torch
+from torch import Tensor
+from torch.func import grad, vmap
+
+from ..config import FocusConfig
+from .gate import focus_classes, gate, widen
+from .losses import focus_loss
+from .views import Forward
+
+
+@contextlib.contextmanager
+def grad_enabled() -> Iterator[None]:
+    """Autograd on, even when the caller is inside ``torch.no_grad()`` or ``torch.inference_mode()``."""
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
+
+
+def as_normal_tensor(t: Tensor) -> Tensor:
+    """A tensor autograd may save: inference-mode tensors are cloned outside inference mode."""
+    if t.is_inference():
+        with torch.inference_mode(False):
+            return t.clone()
+    return t
+
+
+# ----------------------------------------------------------------------------- the step's size
+def squared_norm(grads: Sequence[Tensor | None], batched: bool = False) -> Tensor | None:
+    """||g||^2 over the selected tensors (each once); per input when ``batched`` (dimension 0); None if no gradient."""
+    terms = [widen(g).pow(2).flatten(1).sum(1) if batched else widen(g).pow(2).sum() for g in grads if g is not None]
+    return sum(terms) if terms else None
+
+
+def step_size(config: FocusConfig, grads: Sequence[Tensor | None], batched: bool = False) -> float | Tensor:
+    """The step's eta: ``config.lr`` (fixed rule) or ``tau / ||g||^2`` over the selected parameters (normalized).
+
+    ``grads`` holds each selected tensor's gradient once (tied weights once, as SGD sees them);
+    ``batched``: dimension 0 indexes inputs, and eta is a tensor with one value per input. A zero
+    gradient gives eta = 0 (nothing to follow).
+    """
+    if config.step_rule == "fixed":
+        return config.lr
+    sq = squared_norm(grads, batched)
+    if sq is None:  # no parameter received a gradient
+        return 0.0
+    eta = torch.where(sq > 0, config.tau / sq, torch.zeros_like(sq))
+    return eta if batched else float(eta)
+
+
+def _per_row(lr: float | Tensor, like: Tensor) -> float | Tensor:
+    """A per-input eta [B] shaped to broadcast over a per-input gradient [B, ...]."""
+    return lr.reshape(-1, *[1] * (like.dim() - 1)) if isinstance(lr, Tensor) else lr
+
+
+def sgd_update_(param: Tensor, grad: Tensor, lr: float | Tensor) -> Tensor:
+    """theta - lr * g written into ``grad``'s buffer (no new memory); low precision computed in fp32, rounded once."""
+    lr = _per_row(lr, grad)
+    if param.dtype in (torch.float16, torch.bfloat16):
+        return grad.copy_(param.float() - grad.float() * lr)
+    return grad.mul_(-lr).add_(param)
+
+
+def sgd_update(param: Tensor, grad: Tensor, lr: float | Tensor) -> Tensor:
+    """Out-of-place ``sgd_update_`` (same formula, vmap-safe; ``param`` broadcasts over per-sample ``grad``)."""
+    lr = _per_row(lr, grad)
+    if param.dtype in (torch.float16, torch.bfloat16):
+        return (param.float() - grad.float() * lr).to(param.dtype)
+    return grad.mul(-lr).add(param)
+
+
+# ----------------------------------------------------------------------------- SGD on one input, or many
+def sgd_steps(loss_fn: Callable[[Mapping[str, Tensor]], Tensor], trainable: Mapping[str, Tensor],
+              frozen: Mapping[str, Tensor], config: FocusConfig) -> dict[str, Tensor]:
+    """Parameter values after ``config.steps`` plain SGD steps on ``loss_fn`` (no momentum, no decay)."""
+    current = dict(trainable)
+    with grad_enabled():
+        for _ in range(config.steps):
+            leaves = {n: p.detach().requires_grad_(True) for n, p in current.items()}
+            loss = loss_fn({**frozen, **leaves})
+            grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+            del loss
+            lr = step_size(config, grads)
+            current = {n: p.detach() if g is None else sgd_update_(p.detach(), g, lr)
+                       for (n, p), g in zip(current.items(), grads)}
+    warn_if_unchanged(trainable, current)
+    return current
+
+
+def batched_sgd_steps(loss_fn: Callable, trainable: Mapping[str, Tensor], config: FocusConfig,
+                      *inputs: Tensor) -> dict[str, Tensor]:
+    """``sgd_steps`` for many inputs at once, each with its own parameters (``torch.func.vmap``).
+
+    ``loss_fn(values, *row_inputs)`` is the scalar loss of one input; ``inputs`` are batched on
+    dimension 0. Returns per-input parameter values ``[B, ...]``.
+    """
+    current, dims = {n: p.detach() for n, p in trainable.items()}, None  # shared until the first step
+    with grad_enabled():
+        for _ in range(config.steps):
+            grads = vmap(grad(loss_fn), in_dims=(dims, *[0] * len(inputs)))(current, *inputs)
+            lr = step_size(config, list(grads.values()), batched=True)
+            current = {n: sgd_update(p, grads[n], lr) for n, p in current.items()}
+            dims = 0  # per-input parameter values from here on
+    return current
+
+
+def refined_values(forward: Forward, trainable: Mapping[str, Tensor], frozen: Mapping[str, Tensor],
+                   focus: Tensor, config: FocusConfig) -> dict[str, Tensor]:
+    """The ``trainable`` values after ``config.steps`` SGD steps on the loss of ``forward``'s logits."""
+    focus = as_normal_tensor(focus)  # gather saves the index for backward
+    loss_fn = lambda values: focus_loss(forward(values), focus, config.mode).sum()  # noqa: E731
+    return sgd_steps(loss_fn, trainable, frozen, config)
+
+
+def refine(forward: Forward, trainable: Mapping[str, Tensor], frozen: Mapping[str, Tensor],
+           focus: Tensor, config: FocusConfig) -> Tensor:
+    """``config.steps`` SGD steps on ``trainable`` for the loss; return the refined logits."""
+    updated = refined_values(forward, trainable, frozen, focus, config)
+    with torch.no_grad():
+        return forward({**frozen, **updated})
+
+
+def refine_batched(forward: Callable[..., Tensor], trainable: Mapping[str, Tensor], focus: Tensor,
+                   config: FocusConfig, *inputs: Tensor) -> Tensor:
+    """Refined logits [B, C] of B inputs at once, each with its own step (never a shared update).
+
+    ``forward(values, *row_inputs)`` is the logits [C] of one input with the selected parameters at
+    ``values`` (the frozen ones closed over); ``inputs`` and ``focus`` are batched on dimension 0.
+    """
+    def loss(values, *args):
+        *row, row_focus = args
+        return focus_loss(forward(values, *row), row_focus, config.mode)
+
+    current = batched_sgd_steps(loss, trainable, config, *inputs, as_normal_tensor(focus))
+    with torch.no_grad():
+        return vmap(forward, in_dims=(0, *[0] * len(inputs)))(current, *inputs)
+
+
+_warned_no_change = False
+
+
+def warn_if_unchanged(before: Mapping[str, Tensor], after: Mapping[str, Tensor]) -> None:
+    """Warn once per process when a step left every selected tensor bitwise as it was."""
+    global _warned_no_change
+    if _warned_no_change:
+        return
+    for name, p in before.items():  # stops at the first changed tensor: cheap in the usual case
+        if not torch.equal(p, after[name]):
+            return
+    _warned_no_change = True
+    dtypes = sorted({str(p.dtype) for p in before.values()})
+    warnings.warn(
+        f"focus step changed no parameter: the step is below the resolution of {dtypes} (or the gradient is zero); "
+        "raise FocusConfig.lr / tau or run the model in float32 (warned once)", RuntimeWarning, stacklevel=3)
+
+
+# ----------------------------------------------------------------------------- Algorithm 1 for one input
+@dataclass
+class StepResult:
+    """What one gated step did to one input."""
+
+    logits: Tensor  # logits to emit: refined, or the original ones
+    uncertain: bool  # the gate fired
+    refined: bool  # a finite refinement was emitted
+    nonfinite: bool  # the refinement overflowed and the original logits were kept
+    changed: bool  # the emitted argmax differs from the original argmax
+
+
+def step_result(original: Tensor, new: Tensor) -> StepResult:
+    """The outcome of a refinement of an uncertain input: ``new`` logits, or ``original`` if they overflowed."""
+    if not bool(torch.isfinite(new).all()):
+        return StepResult(original, True, False, True, False)
+    new = new.reshape(original.shape).to(original.dtype)
+    return StepResult(new, True, True, False, bool(new.argmax() != original.argmax()))
+
+
+def focus_step(forward: Forward, logits: Tensor, trainable: Mapping[str, Tensor],
+               frozen: Mapping[str, Tensor], config: FocusConfig) -> StepResult:
+    """Algorithm 1 for one input whose unrefined logits are ``logits`` (shape ``[C]``)."""
+    if not bool(gate(logits, config)):
+        return StepResult(logits, False, False, False, False)
+    focus = focus_classes(logits, config.n_focus)
+    return step_result(logits, refine(forward, trainable, frozen, focus, config))

@@ -1,0 +1,191 @@
+"""`FocusClassifier`: an image classifier whose uncertain rows each get their own focus step.
+
+The step runs in eval mode (BatchNorm reads its running statistics and never updates them, dropout
+is off) and purely functionally, on a private view of the model's module tree (``method.module_view``),
+so the wrapped model is never modified, not even while a call runs: other threads may use it. Uncertain rows are
+refined in chunks of ``max_batch``: ``method.refine_batched`` (``vmap`` over the per-sample ``grad`` of the
+loss, a per-sample SGD update and a vmapped forward with per-sample parameters).
+A chunk holds ``max_batch`` copies of the updated parameters and of their gradients plus the
+activations of ``max_batch`` single-image passes, so memory grows linearly in ``max_batch``.
+Modules that ``vmap`` cannot trace (data-dependent control flow, ``.item()``...) fall back, with
+one warning, to a per-row loop over ``method.focus_step``; both paths give the same logits.
+"""
+from __future__ import annotations
+
+import threading
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from .. import method
+from ..config import FocusConfig
+
+METHODS = ("auto", "vmap", "loop")
+
+
+def logits_of(output: Any) -> Tensor:
+    """The [B, C] logits of a classifier's output (a tensor, or an object with ``.logits``)."""
+    logits = getattr(output, "logits", output)
+    if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[-1] < 2:
+        shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+        raise ValueError(f"the model must return 2-D logits [batch, classes>=2] (or an object with .logits); got {shape}")
+    return logits
+
+
+@dataclass
+class ClassifierStats:
+    """What the last ``FocusClassifier`` call did, in generation's vocabulary (``FocusStats``)."""
+
+    checked: int = 0  # rows in the batch (every row is gated)
+    uncertain: int = 0  # rows the gate fired for
+    refined: int = 0  # uncertain rows whose finite refined logits were emitted
+    changed: int = 0  # refined rows whose argmax changed
+    nonfinite: int = 0  # uncertain rows whose refinement overflowed (original logits kept)
+    nonfinite_inputs: int = 0  # images holding NaN/inf (never refined; warned once per classifier)
+    vectorized: bool = True  # the vmap path ran (False: per-row loop)
+
+    @property
+    def total(self) -> int:
+        """``checked`` (the name of earlier versions)."""
+        return self.checked
+
+    @property
+    def gated(self) -> int:
+        """``uncertain`` (the name of earlier versions)."""
+        return self.uncertain
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _vmap_pays_off(device: torch.device) -> bool:
+    """Whether ``method="auto"`` vectorises: on accelerators, not on CPU.
+
+    On CPU (1 thread) vmap refined 0.50-1.02x as many images per second as the loop on the pretrained
+    ccexam CNNs (MNISTNet, USPSNet, SVHNNet) at B = 1..64, the one exception USPSNet (151k parameters,
+    16x16) at B >= 32 (1.4-1.5x), while holding 2-47x the loop's extra memory; ResNet-18 at 32x32:
+    0.45x (``benchmarks/speed_vision.py``, docs/results/vision/speed_vision.md). The rule stays by device:
+    no parameter count or batch size separates the one win from the losses well enough to be worth it.
+    """
+    return device.type != "cpu"
+
+
+class FocusClassifier:
+    """Wrap an image classifier so that uncertain rows get their own focus step.
+
+    Args:
+        model: any ``nn.Module`` mapping images [B, ...] to logits [B, C].
+        config: a ``FocusConfig`` (or its dict); ``None`` = iFo with the method's vision defaults.
+        max_batch: uncertain images refined together; bounds memory (see the module docstring).
+        method: ``"auto"`` (vmap on CUDA, falling back to the loop once if vmap fails; the loop on
+            CPU, where it measured faster: ``benchmarks/speed_vision.py``), ``"vmap"`` or ``"loop"``.
+
+    Example:
+        >>> import torch
+        >>> from focus_decoding import FocusConfig
+        >>> from focus_decoding.vision import DigitsNet, FocusClassifier
+        >>> clf = FocusClassifier(DigitsNet(), FocusConfig(threshold=1.0, lr=1e-3), max_batch=4)
+        >>> clf(torch.randn(3, 1, 8, 8)).shape
+        torch.Size([3, 10])
+        >>> clf.stats.uncertain
+        3
+    """
+
+    def __init__(self, model: nn.Module, config: FocusConfig | Mapping | None = None, *,
+                 max_batch: int = 8, method: str = "auto") -> None:
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        self.model = model
+        self.config = FocusConfig() if config is None else FocusConfig.coerce(config)
+        self.max_batch = max_batch
+        self.method = method
+        self.vectorized = method != "loop"  # becomes False for good after one failed vmap under "auto"
+        self._local = threading.local()  # stats per thread: one classifier may serve several threads
+        self._warned_nonfinite = False
+
+    @property
+    def stats(self) -> ClassifierStats:
+        """What this thread's last call did."""
+        return getattr(self._local, "stats", None) or ClassifierStats()
+
+    def __call__(self, images: Tensor) -> Tensor:
+        """Logits [B, C]: refined for rows under the threshold, unchanged for the others."""
+        return self.classify(images)[1]
+
+    def classify(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(unmodified logits, emitted logits, gate mask), all from one unmodified pass."""
+        if not isinstance(images, Tensor) or images.dim() < 1:
+            raise ValueError(f"images must be a tensor [batch, ...], got {type(images).__name__}")
+        images = method.as_normal_tensor(images)
+        cfg = self.config
+        view = method.module_view(self.model)  # eval mode, private: the caller's model is never touched
+        with torch.no_grad():
+            base = logits_of(view(images))
+        if base.shape[0] != images.shape[0]:
+            raise ValueError(f"the model returned {base.shape[0]} rows of logits for {images.shape[0]} images")
+        flat = images.flatten(1) if images.dim() > 1 else images[:, None]  # flatten(1): an empty batch stays [0, n]
+        bad_inputs = int((~torch.isfinite(flat)).any(-1).sum()) if images.is_floating_point() else 0
+        if bad_inputs and not self._warned_nonfinite:
+            self._warned_nonfinite = True
+            warnings.warn(f"FocusClassifier: {bad_inputs} image(s) hold NaN or inf values; their logits are not "
+                          "refined and may be NaN (counted in stats.nonfinite_inputs; warned once)",
+                          RuntimeWarning, stacklevel=3)
+        gate = method.gate(base, cfg)
+        out = base.clone()
+        rows = gate.nonzero().flatten()
+        stats = ClassifierStats(checked=base.shape[0], uncertain=int(rows.numel()), nonfinite_inputs=bad_inputs)
+        if rows.numel():
+            focus = method.focus_classes(base[rows], cfg.n_focus)  # validates n_focus vs classes
+            trainable, frozen = method.split_parameters(view, cfg.params)
+            for start in range(0, rows.numel(), self.max_batch):
+                idx = rows[start:start + self.max_batch]
+                new = self._refine_chunk(view, images[idx], base[idx], focus[start:start + self.max_batch],
+                                         trainable, frozen)
+                ok = torch.isfinite(new).all(-1)
+                out[idx[ok]] = new[ok].to(out.dtype)
+                stats.nonfinite += int((~ok).sum())
+        stats.refined = stats.uncertain - stats.nonfinite
+        stats.changed = int((out.argmax(-1) != base.argmax(-1)).sum())
+        stats.vectorized = self.vectorized and (self.method == "vmap" or _vmap_pays_off(images.device))
+        self._local.stats = stats
+        return base, out, gate
+
+    # ------------------------------------------------------------------ the two paths
+    def _refine_chunk(self, view: nn.Module, x: Tensor, base: Tensor, focus: Tensor, trainable, frozen) -> Tensor:
+        if self.vectorized and (self.method == "vmap" or _vmap_pays_off(x.device)):
+            try:
+                return self._refine_vmap(view, x, focus, trainable, frozen)
+            except Exception as err:  # noqa: BLE001 - any vmap limitation; a real bug re-raises in the loop
+                if self.method == "vmap":
+                    raise
+                self.vectorized = False
+                warnings.warn(f"FocusClassifier: torch.func.vmap cannot run {type(self.model).__name__} "
+                              f"({type(err).__name__}: {str(err)[:200]}); using a per-sample loop from now on",
+                              RuntimeWarning, stacklevel=4)
+        return self._refine_loop(view, x, base, trainable, frozen)
+
+    def _refine_loop(self, view: nn.Module, x: Tensor, base: Tensor, trainable, frozen) -> Tensor:
+        rows = []
+        for i in range(x.shape[0]):
+            image = method.as_normal_tensor(x[i:i + 1])  # slicing inside inference_mode makes an inference tensor
+            forward = method.model_forward(view, image, select=lambda out: logits_of(out)[0])
+            step = method.focus_step(forward, base[i], trainable, frozen, self.config)
+            rows.append(torch.full_like(base[i], float("nan")) if step.nonfinite else step.logits)  # nan: overflowed
+        return torch.stack(rows)
+
+    def _refine_vmap(self, view: nn.Module, x: Tensor, focus: Tensor, trainable, frozen) -> Tensor:
+        frozen = dict(frozen)
+
+        def one(params, xi):  # logits [C] of one image under its own parameter values
+            out = functional_call(view, {**frozen, **params}, (xi.unsqueeze(0),), strict=False, tie_weights=True)
+            return logits_of(out)[0]
+
+        return method.refine_batched(one, trainable, focus, self.config, x)
