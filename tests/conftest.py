@@ -1,11 +1,22 @@
-"""Shared fixtures: tiny random LMs, a tiny word-level tokenizer, the default model, an untouched-model check."""
+"""Shared fixtures: tiny random LMs, a tiny word-level tokenizer, the default model, an untouched-model check,
+and caches of the session's own (no test reads or leaves state in the user's Hugging Face or focus_decoding cache)."""
 from __future__ import annotations
 
 import importlib
 import os
+import sys
+import tempfile
 
-import pytest
-import torch
+# Before transformers, datasets or evaluate are imported (they read these once): every cache of this test
+# process lives in a fresh folder, so a test passes on a machine whose caches are empty, and leaves nothing.
+_CACHE = tempfile.mkdtemp(prefix="focus-tests-")
+for _name in ("HF_MODULES_CACHE", "HF_DATASETS_CACHE", "HF_EVALUATE_CACHE", "HF_HUB_CACHE", "TRANSFORMERS_CACHE"):
+    os.environ.pop(_name, None)
+os.environ["HF_HOME"] = os.path.join(_CACHE, "huggingface")
+os.environ["XDG_CACHE_HOME"] = _CACHE  # the trained digits CNN, benchmark assets
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from focus_decoding.resources.models import tiny_causal_lm
 
@@ -20,6 +31,20 @@ def need(module: str, why: str = "", *, module_level: bool = False):
             raise
         pytest.skip(f"{module} is not installed ({err}); pip install -e '.[vision,test]' {why}".rstrip(),
                     allow_module_level=module_level)
+
+
+@pytest.fixture
+def fresh_hf_modules(tmp_path, monkeypatch):
+    """An empty Hugging Face modules cache for this test alone: remote code (a ``custom_generate`` folder) is
+    copied into it from scratch, as on a machine that never ran it; nothing another test imported is reused."""
+    import transformers.dynamic_module_utils as dynamic
+
+    modules = tmp_path / "hf_modules"
+    monkeypatch.setenv("HF_MODULES_CACHE", str(modules))
+    monkeypatch.setattr(dynamic, "HF_MODULES_CACHE", str(modules))  # read once at import: patch the copy too
+    for name in [n for n in sys.modules if n.split(".")[0] == "transformers_modules"]:
+        monkeypatch.delitem(sys.modules, name)
+    return modules
 
 
 @pytest.fixture

@@ -24,6 +24,7 @@ def naive_loss(logits, focus, mode):
         return -logits[focus].mean()
     if mode == "entropy":
         p = torch.softmax(logits, dim=-1)
+        p = p[p > 0]  # 0 log 0 = 0
         return -(p * torch.log(p)).sum()
     others = torch.ones_like(logits, dtype=torch.bool)
     others[focus] = False

@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from focus_decoding import cli
-from focus_decoding.resources import corpora as data
 from focus_decoding.evaluation import next_token as eval_text
 from focus_decoding.cli import common as runs
 from focus_decoding.config import FocusConfig

@@ -79,7 +79,7 @@ def test_binary_dataset_names_the_file(content, needle, tmp_path, model_not_load
     one_line_error(["eval-text", *TINY, "--dataset", str(path)], capsys, str(path), needle)
 
 
-@pytest.mark.parametrize("name, content, needle", [("empty.txt", "", "gave no texts"),
+@pytest.mark.parametrize("name, content, needle", [("empty.txt", "", "holds no text"),
                                                    ("table.csv", "a,b\n", "unsupported file type"),
                                                    ("rows.jsonl", '{"body": "x"}\n', "text field"),
                                                    ("cut.jsonl", '{"text": "a"}\n{"text": "b', "not valid JSON")])

@@ -1,11 +1,13 @@
 """FocusConfig: defaults from the method, validation that names the field, presets, round trips."""
 import dataclasses
 import json
+import re
 
 import numpy as np
 import pytest
 
 from focus_decoding import PRESETS, FocusConfig
+from focus_decoding.config import DEFAULT_LR
 
 
 def test_defaults_follow_algorithm_1():
@@ -133,3 +135,45 @@ def test_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.lr = 1.0
     assert cfg.lr == 1.6e-5
+
+
+def test_entropy_is_a_mode_and_presets_fall_back_to_the_method_defaults():
+    cfg = FocusConfig(mode="entropy")
+    assert cfg.lr == DEFAULT_LR["entropy"] and cfg.label == "entropy all lr=1.6e-05"
+    # a preset that names no step for a mode gives the method's defaults for it, never a KeyError
+    assert FocusConfig.preset("gpt2", mode="entropy") == FocusConfig(mode="entropy")
+    assert FocusConfig.preset("smollm2-135m", mode="entropy", tau=0.3) == FocusConfig(
+        mode="entropy", step_rule="normalized", tau=0.3)
+
+
+def test_an_explicit_step_replaces_the_presets_and_names_its_rule():
+    # tau alone: the normalized rule, the preset's params kept (as the command line and the harness do)
+    assert FocusConfig.preset("smollm2-135m", tau=0.3) == FocusConfig(step_rule="normalized", tau=0.3, params="last:2")
+    assert FocusConfig.preset("smollm2-135m", lr=1e-3) == FocusConfig(lr=1e-3, params="last:2")
+    assert FocusConfig.preset("smollm2-135m", step_rule="normalized").tau == 1.0
+
+
+@pytest.mark.parametrize("params, expected", [
+    ("last:02", "last:2"), (" all ", "all"), (["lm_head", " model.norm "], ("lm_head", "model.norm")),
+    (["last:3"], "last:3")])
+def test_params_have_one_form(params, expected):
+    assert FocusConfig(params=params).params == expected  # so last:2 and last:02 are one candidate, not two
+
+
+@pytest.mark.parametrize("params, needle", [
+    (["all", "lm_head"], "'all' selects on its own"), (["lm_head", "last:2"], "'last:2' selects on its own"),
+    ("last:²", "integer N >= 1"), ("last:x", "integer N >= 1"), ("", "non-empty"), ([], "non-empty")])
+def test_params_that_cannot_mean_one_thing_are_refused(params, needle):
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        FocusConfig(params=params)
+
+
+def test_a_config_file_written_by_tune_loads_strictly():
+    written = FocusConfig(lr=1e-3, params="last:2").to_file_dict("focus-decoding tune")
+    assert FocusConfig.from_dict(written) == FocusConfig(lr=1e-3, params="last:2")
+    for field in ("lr", "mode"):
+        edited = {k: v for k, v in written.items() if k != field}
+        with pytest.raises(ValueError, match=rf"written by focus-decoding tune.*\['{field}'\] are missing"):
+            FocusConfig.from_dict(edited)  # never the defaults in its place
+    # a hand-written dict (no "written_by") may leave fields out: they take their defaults
+    assert FocusConfig.from_dict({"lr": 1e-3}) == FocusConfig(lr=1e-3)

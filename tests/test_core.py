@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from focus_decoding import FocusConfig, focus_classes, focus_loss, focus_step, is_uncertain, split_parameters, top2_gap
-from focus_decoding import method
+from focus_decoding import LOSSES, MODES, method
 from focus_decoding.method import model_forward, refine
 from focus_decoding.resources.models import tiny_causal_lm
 from reference import assert_exact, first_step_eta, naive_loss, naive_refine, normalized_lr, tiny_lm64
@@ -78,9 +78,22 @@ def test_losses_on_raw_logits():
     assert focus_loss(logits, focus, "dofo").item() == pytest.approx(-0.5)  # (1 - 2) / 2
     # raw logits, not log-probabilities: shifting every logit shifts the loss
     assert focus_loss(logits + 10, focus, "ifo").item() == pytest.approx(-13.5)
+    # entropy minimisation: a two-way tie carries log 2 nats, certainty none; it ignores the focus set and shifts
+    tie = torch.tensor([0.0, 0.0, -math.inf], dtype=F64)
+    assert focus_loss(tie, focus[:1], "entropy").item() == pytest.approx(math.log(2), abs=1e-12)
+    assert focus_loss(torch.tensor([0.0, -math.inf]), focus[:1], "entropy").item() == 0.0
+    shifted, plain = (focus_loss(x, focus, "entropy").item() for x in (logits + 10, logits))
+    assert shifted == pytest.approx(plain)
     # the reference's loss is the same function (so the comparisons below compare the step, not the loss)
-    for mode in ("ifo", "dofo"):
-        assert focus_loss(logits, focus, mode).item() == naive_loss(logits, focus, mode).item()
+    for mode in MODES:
+        assert focus_loss(logits.double(), focus, mode).item() == pytest.approx(
+            naive_loss(logits.double(), focus, mode).item(), rel=1e-14)
+
+
+def test_every_mode_has_one_loss_and_an_unknown_one_is_refused():
+    assert set(LOSSES) == set(MODES)  # config names the modes, method.LOSSES holds their losses: the same set
+    with pytest.raises(ValueError, match=r"unknown FocusConfig.mode 'sideways'; allowed: \('ifo', 'dofo', 'entropy'\)"):
+        focus_loss(torch.zeros(3), torch.tensor([0]), "sideways")  # never silently run as doFo
 
 
 # --------------------------------------------------------------------- float64 stays float64
@@ -118,7 +131,7 @@ def _setup(arch, tied, config):
 
 
 @pytest.mark.parametrize("arch,tied", [("llama", True), ("llama", False), ("gpt2", True)])
-@pytest.mark.parametrize("mode,lr", [("ifo", 0.05), ("dofo", 5.0)])
+@pytest.mark.parametrize("mode,lr", [("ifo", 0.05), ("dofo", 5.0), ("entropy", 5.0)])
 @pytest.mark.parametrize("steps", [1, 3])
 @pytest.mark.parametrize("params", ["all", "last:2"])
 def test_refine_equals_naive_sgd(arch, tied, mode, lr, steps, params):
@@ -140,7 +153,7 @@ PATTERNS = {"llama": ["lm_head", "model.layers.1.mlp*"], "gpt2": ["lm_head", "tr
 @pytest.mark.parametrize("steps", [1, 3])
 def test_normalized_step_equals_naive_sgd_with_hand_computed_rate(arch, tied, params, steps):
     # eta = tau / ||g||^2, ||g|| over the selected parameters, a tied tensor once, recomputed every step
-    mode = "ifo" if steps == 1 else "dofo"
+    mode = {"all": "ifo", "last:2": "entropy", "patterns": "dofo"}[params] if steps == 1 else "dofo"
     cfg = FocusConfig(mode=mode, step_rule="normalized", tau=0.5, steps=steps,
                       params=PATTERNS[arch] if params == "patterns" else params)
     model, base, focus, trainable, frozen, fast, run = _setup(arch, tied, cfg)

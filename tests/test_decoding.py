@@ -86,15 +86,27 @@ def test_a_gate_that_never_fires_is_plain_generate(tiny_lm, mode):
         assert out.focus_stats.totals["checked"] > 0 and out.focus_stats.totals["uncertain"] == 0
 
 
+@pytest.mark.parametrize("how", ["focus_generate", "enable", "callable"])
+def test_the_decoding_mode_is_checked_once_per_call(tiny_lm, monkeypatch, how):
+    if how == "callable" and not CALLABLE:
+        pytest.skip(f"the callable needs transformers >= {decoding.CALLABLE_FLOOR}")  # the floor envs run it
+    calls = []
+    real = decoding.check_mode
+    monkeypatch.setattr(decoding, "check_mode", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    run(how, tiny_lm("llama"), "beam", focus_config=CFG)
+    assert len(calls) == 1
+
+
 @pytest.mark.skipif(not FOLDER, reason=f"custom_generate folders need transformers >= {FOLDER_FLOOR}")
 @pytest.mark.parametrize("config", [CFG, CFG.to_dict()], ids=["FocusConfig", "dict"])
-def test_the_exported_folder_is_the_same_method(tiny_lm, assert_untouched, folder, config):
+def test_the_exported_folder_is_the_same_method(tiny_lm, assert_untouched, folder, config, fresh_hf_modules):
     model = tiny_lm("llama")
     check = assert_untouched(model)
     expected = run("focus_generate", model, "greedy", focus_config=CFG)
     out = run("folder", model, "greedy", focus_config=config, folder=folder)
     assert torch.equal(out.sequences, expected.sequences)
     assert out.focus_stats.to_dict() == expected.focus_stats.to_dict()
+    assert list(fresh_hf_modules.rglob("generate.py"))  # the folder's code was copied into this test's own cache
     check()
 
 

@@ -16,7 +16,7 @@ from reference import naive_refine
 
 PROMPT = [1, 5, 7, 9, 11]
 EOS = 2  # the tiny models' eos: min_new_tokens masks it to -inf in generate's scores
-LR = {"ifo": 0.3, "dofo": 30.0}  # visible changes on the tiny models (their logits are ~0.3)
+LR = {"ifo": 0.3, "dofo": 30.0, "entropy": 30.0}  # visible changes on the tiny models (their logits are ~0.3)
 
 
 # ----------------------------------------------------------------------------- naive reference
@@ -75,7 +75,7 @@ class Spy:
 # ----------------------------------------------------------------------------- the step itself
 @pytest.mark.parametrize("params", ["all", "last:2"])
 @pytest.mark.parametrize("steps", [1, 3])
-@pytest.mark.parametrize("mode", ["ifo", "dofo"])
+@pytest.mark.parametrize("mode", ["ifo", "dofo", "entropy"])
 def test_refined_step_equals_naive_sgd(tiny_lm, assert_untouched, mode, steps, params):
     model = tiny_lm("llama", tied=False)
     check = assert_untouched(model)

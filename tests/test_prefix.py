@@ -108,7 +108,8 @@ def test_refine_with_kept_states_equals_uncached(arch, tied, attn, assert_untouc
 @pytest.mark.parametrize("arch,tied,mode,steps,rule", [
     ("llama", True, "ifo", 3, dict(lr=0.05)), ("gpt2", False, "dofo", 3, dict(lr=0.5)),
     ("llama", True, "ifo", 1, NORMALIZED), ("llama", False, "dofo", 3, NORMALIZED), ("gpt2", True, "ifo", 3, NORMALIZED),
-    ("qwen2", True, "dofo", 1, NORMALIZED)])
+    ("qwen2", True, "dofo", 1, NORMALIZED), ("llama", True, "entropy", 3, dict(lr=5.0)),
+    ("gpt2", False, "entropy", 1, NORMALIZED)])
 def test_refine_with_kept_states_equals_naive_sgd(arch, tied, mode, steps, rule):
     model, ids = tiny_lm64(arch, tied=tied, layers=4), _ids(2)
     config = FocusConfig(mode=mode, steps=steps, params="last:2", **rule)

@@ -105,7 +105,8 @@ def trained_digits(tmp_path_factory):
 
 # --------------------------------------------------------------------- the step vs the reference
 @pytest.mark.parametrize("mode,rule", [("ifo", dict(lr=0.05)), ("dofo", dict(lr=0.5)), ("ifo", NORMALIZED),
-                                       ("dofo", NORMALIZED)])
+                                       ("dofo", NORMALIZED), ("entropy", dict(lr=0.5)),
+                                       ("entropy", dict(step_rule="normalized", tau=0.05))])
 @pytest.mark.parametrize("steps", [1, 3])
 @pytest.mark.parametrize("params", ["all", ["classifier.*", "features.1"]])
 def test_vmap_equals_loop_equals_naive(mode, rule, steps, params):

@@ -25,15 +25,21 @@ def _bounded_int(text: str, low: int) -> int:
     return value
 
 
-def open_fraction(text: str) -> float:
-    """argparse type: a number strictly between 0 and 1."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be a number in (0, 1), got {text!r}")
-    return value
+def bounded_float(inside, allowed: str):
+    """argparse type: a number for which ``inside(value)`` holds (NaN never does), ``allowed`` naming the range."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if math.isnan(value) or not inside(value):
+            raise argparse.ArgumentTypeError(f"must be a number {allowed}, got {text!r}")
+        return value
+    return parse
+
+
+open_fraction = bounded_float(lambda x: 0.0 < x < 1.0, "in (0, 1)")
+at_least_one = bounded_float(lambda x: 1.0 <= x < math.inf, ">= 1")
 
 
 def positive_grid(what: str, example: str):

@@ -20,43 +20,29 @@ from ..evaluation.report import FocusReport, markdown_table
 from . import common
 from .argtypes import nonnegative_int, positive_int
 from .common import CliError
-from .resumable import Finished, ResumableRun, config_fingerprint, fingerprint
+from .resumable import Finished, ResumableRun, add_text_arguments, config_fingerprint, fingerprint, open_text_run
 
 RESULT = "eval_text.json"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The eval-text command's own options."""
-    parser.add_argument("--dataset", default=None, help="text file/dir, or hub data set name (default: bundled sample)")
-    parser.add_argument("--split", default="train")
-    parser.add_argument("--max-texts", type=positive_int, default=None)
-    parser.add_argument("--context-length", type=positive_int, default=128)
+    add_text_arguments(parser)
     parser.add_argument("--stride", type=positive_int, default=None, help="<= --context-length (default: equal)")
     parser.add_argument("--max-uncertain", type=nonnegative_int, default=16,
                         help="stop after this many refinements (0 = no limit)")
     parser.add_argument("--max-tokens", type=positive_int, default=None, help="stop after this many scored positions")
     parser.add_argument("--batch-positions", type=positive_int, default=1)
     parser.add_argument("--select-lr", default=None, metavar="GRID", help=argparse.SUPPRESS)  # refused: use tune
-    parser.add_argument("--resume", action="store_true", help="continue from the partial results in --out")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace the partial or finished results in --out and start over")
 
 
 def run(args: argparse.Namespace, config: FocusConfig) -> int:
     """Evaluate, sharded across accelerate processes; resumable; refuses to replace another run's results."""
-    from ..resources.corpora import load_texts
-
     _check_options(args)
-    out = common.check_out_dir(args.out)
     rank, world = common.process_group()
-    job = ResumableRun(out, RESULT, resume=args.resume, overwrite=args.overwrite, rank=rank, world=world)
-    job.check()
-    texts = load_texts(args.dataset, split=args.split, max_texts=args.max_texts)  # before the slow model load
-    if not texts:
-        raise CliError(f"--dataset {args.dataset!r} gave no texts (all empty); allowed: files with some text")
-    device = common.resolve_device(args.device)
-    model, tokenizer = common.load_model(args.model, device=device, seed=args.seed)
-    common.check_model_fits(model, config, args.context_length, f"--context-length {args.context_length}")
+    run_ = open_text_run(args, RESULT, [config], rank=rank, world=world)
+    job, texts, device, model, tokenizer = run_.job, run_.texts, run_.device, run_.model, run_.tokenizer
+    out = job.out
     fp = run_fingerprint(args, config, tokenizer, texts, world) if out is not None else None
     try:
         state = job.begin(fp or {})

@@ -14,13 +14,16 @@ both jobs use:
 """
 from __future__ import annotations
 
+import argparse
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from ..config import FocusConfig
 from ..evaluation.report import jsonable
+from . import common
+from .argtypes import positive_int
 from .common import CliError
 
 PARTIAL = "partial{suffix}.json"
@@ -178,3 +181,46 @@ def _read(path: Path, what: str) -> dict[str, Any]:
         raise CliError(f"{path} is not a readable {what} file ({' '.join(str(err).split())}); remove it or pass "
                        "--overwrite") from err
     return state
+
+
+# ----------------------------------------------------------------------------- a resumable run on text
+def add_text_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of a run over a text set: the data, the window, and what to do with earlier results."""
+    parser.add_argument("--dataset", default=None, help="text file/dir, or hub data set name (default: bundled sample)")
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--max-texts", type=positive_int, default=None)
+    parser.add_argument("--context-length", type=positive_int, default=128)
+    parser.add_argument("--resume", action="store_true", help="continue from the partial results in --out")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the partial or finished results in --out and start over")
+
+
+@dataclass
+class TextRun:
+    """What a text job has once everything a user can get wrong was checked: files, data, model."""
+
+    job: ResumableRun
+    texts: list[str]
+    device: Any
+    model: Any
+    tokenizer: Any
+
+
+def open_text_run(args: argparse.Namespace, result: str, configs: Sequence[FocusConfig], *, rank: int = 0,
+                  world: int = 1) -> TextRun:
+    """Check ``--out`` and earlier results, load the texts, then the model, and check every config against it:
+    in that order, so a bad input costs seconds, never a model load."""
+    from ..resources.corpora import load_texts
+
+    job = ResumableRun(common.check_out_dir(args.out), result, resume=args.resume, overwrite=args.overwrite,
+                       rank=rank, world=world)
+    job.check()
+    texts = load_texts(args.dataset, split=args.split, max_texts=args.max_texts)  # before the slow model load
+    if not any(t.strip() for t in texts):
+        raise CliError(f"--dataset {args.dataset or 'bundled sample'!r} holds no text (empty or whitespace only); "
+                       "allowed: files with some text")
+    device = common.resolve_device(args.device)
+    model, tokenizer = common.load_model(args.model, device=device, seed=args.seed)
+    for config in configs:
+        common.check_model_fits(model, config, args.context_length, f"--context-length {args.context_length}")
+    return TextRun(job, texts, device, model, tokenizer)

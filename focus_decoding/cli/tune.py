@@ -23,10 +23,10 @@ from typing import Any
 from .. import tune as tuning
 from ..config import MODES, FocusConfig
 from ..evaluation.report import FocusReport, jsonable
-from . import common, figures
-from .argtypes import lr_grid, nonnegative_int, open_fraction, positive_int, tau_grid
+from . import common
+from .argtypes import at_least_one, lr_grid, nonnegative_int, open_fraction, positive_int, tau_grid
 from .common import CliError
-from .resumable import Finished, ResumableRun, fingerprint
+from .resumable import Finished, ResumableRun, add_text_arguments, fingerprint, open_text_run
 
 SAVE_EVERY_S = 2.0  # partial.json at most this often (and always on Ctrl-C)
 RESULT = "tune.json"
@@ -34,11 +34,8 @@ RESULT = "tune.json"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The tune command's own options (the grid's params come from --params, a comma-separated list)."""
-    parser.add_argument("--dataset", default=None, help="text file/dir, or hub data set name (default: bundled sample)")
-    parser.add_argument("--split", default="train")
-    parser.add_argument("--max-texts", type=positive_int, default=None)
+    add_text_arguments(parser)
     parser.add_argument("--dev-fraction", type=open_fraction, default=0.5, help="share of the documents used as dev")
-    parser.add_argument("--context-length", type=positive_int, default=128)
     parser.add_argument("--modes", type=_modes, default=None, help=f"comma-separated, from {', '.join(MODES)} "
                         "(default: --mode)")
     parser.add_argument("--lrs", type=lr_grid, default=None, metavar="GRID",
@@ -56,34 +53,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"status 2 (default {tuning.MIN_TEST_TOKENS}: see tune.verdict for why)")
     parser.add_argument("--alpha", type=open_fraction, default=0.05,
                         help="error rate of the verdict and of the race's stop-early rule")
-    parser.add_argument("--budget-ratio", type=_ratio, default=2.0,
+    parser.add_argument("--budget-ratio", type=at_least_one, default=2.0,
                         help="race refinements at most this times those of the final choice alone (>= 1)")
     parser.add_argument("--exhaustive", action="store_true",
                         help="run every candidate on every dev token (and report what the race would have chosen)")
-    parser.add_argument("--resume", action="store_true", help="continue from the partial results in --out")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace the partial or finished results in --out and start over")
 
 
 def run(args: argparse.Namespace, config: FocusConfig) -> int:
     """Race on dev, test the choice, write tune.json / focus_config.json / tune.md / tune.png, print the verdict."""
     from ..evaluation.windows import tokenize_stream
-    from ..resources.corpora import load_texts, split_dev_test
+    from ..resources.corpora import split_dev_test
 
     _check_options(args)
-    out = common.check_out_dir(args.out)
-    job = ResumableRun(out, RESULT, resume=args.resume, overwrite=args.overwrite)
-    job.check()
     candidates = grid_from_args(args, config)
-    texts = load_texts(args.dataset, split=args.split, max_texts=args.max_texts)  # before the slow model load
-    if not any(t.strip() for t in texts):
-        raise CliError(f"--dataset {args.dataset or 'bundled sample'!r} holds no text (empty or whitespace only); "
-                       "allowed: files with some text")
+    run_ = open_text_run(args, RESULT, candidates)
+    job, texts, device, model, tokenizer = run_.job, run_.texts, run_.device, run_.model, run_.tokenizer
+    out = job.out
     dev, test = split_dev_test(texts, dev_fraction=args.dev_fraction, seed=args.seed)
-    device = common.resolve_device(args.device)
-    model, tokenizer = common.load_model(args.model, device=device, seed=args.seed)
-    for cfg in candidates:
-        common.check_model_fits(model, cfg, args.context_length, f"--context-length {args.context_length}")
     n_test = max(0, len(tokenize_stream(tokenizer, test)) - 1)  # scored predictions: an upper bound on uncertain ones
     if n_test < args.min_test_uncertain:
         raise CliError(f"not enough data: the test split gives {n_test} predictions, fewer than the "
@@ -133,16 +119,6 @@ def _modes(text: str) -> list[str]:
     if not modes or any(m not in MODES for m in modes):
         raise argparse.ArgumentTypeError(f"must be comma-separated modes from {MODES}, got {text!r}")
     return modes
-
-
-def _ratio(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not value >= 1.0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number >= 1, got {text!r}")
-    return value
 
 
 def _check_options(args: argparse.Namespace) -> None:
@@ -319,4 +295,6 @@ def write_outputs(out: Path, result: tuning.TuneResult, meta: dict) -> None:
     (out / "tune.json").write_text(json.dumps(jsonable(payload), indent=2))
     (out / "focus_config.json").write_text(json.dumps(result.chosen.to_file_dict("focus-decoding tune"), indent=2) + "\n")
     (out / "tune.md").write_text(race_table(result) + f"\n\n{result.verdict.line}\n")
-    figures.plot_race(result, out / "tune.png")
+    from .figures import plot_race
+
+    plot_race(result, out / "tune.png")

@@ -13,7 +13,7 @@ from typing import Any, Mapping, Sequence
 from torch import Tensor
 
 from ..config import FocusConfig
-from .outcomes import CO_CO, CO_WR, WR_CO, WR_OTHER, WR_SAME, outcome
+from .outcomes import CO_CO, CO_WR, WR_CO, WR_OTHER, WR_SAME, outcome  # noqa: F401 - WR_SAME: where 0.2 had the codes
 
 TOPK_THRESHOLDS = (0.01, 0.04, 0.1, 1.0)  # the method's Figure 3 uses 0.01, 0.1 and 1.0
 MAX_K = 5

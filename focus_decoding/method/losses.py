@@ -33,9 +33,12 @@ def dofo_loss(logits: Tensor, focus: Tensor) -> Tensor:
 
 
 def entropy_loss(logits: Tensor, focus: Tensor) -> Tensor:
-    """Entropy minimisation (TENT's objective, on one input): the softmax entropy; the focus set is unused."""
+    """Entropy minimisation (TENT's objective, on one input): the softmax entropy; the focus set is unused.
+
+    A class masked to -inf has p = 0 and adds 0 log 0 = 0 (the clamp keeps 0 * -inf, and its gradient, out).
+    """
     logp = torch.log_softmax(logits, dim=-1)
-    return -(logp.exp() * logp).sum(-1)
+    return -(logp.exp() * logp.clamp(min=torch.finfo(logp.dtype).min)).sum(-1)
 
 
 LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"ifo": ifo_loss, "dofo": dofo_loss, "entropy": entropy_loss}

@@ -181,7 +181,11 @@ def _block_inputs(view: nn.Module, n: int, hidden: Tensor, attention_mask: Tenso
                 seen.append((tuple(args), kwargs))
                 if len(seen) == n:
                     raise _Captured()
-            return hidden_states
+            while isinstance(hidden_states, tuple):  # what the previous passthrough returned
+                hidden_states = hidden_states[0]
+            # a 1-tuple: loops that index the block's output ([0], transformers < 4.54) and loops that pass it
+            # on as it is (the next passthrough unwraps it) both carry on to the top blocks
+            return (hidden_states,)
         return forward
 
     for i, block in enumerate(blocks):

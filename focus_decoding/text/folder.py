@@ -6,7 +6,7 @@ from pathlib import Path
 
 from packaging.version import Version
 
-FOLDER_FLOOR = Version("4.52.0")  # first release that loads custom_generate="folder" (custom_generate/generate.py)
+FOLDER_FLOOR = Version("4.53.0")  # first release that loads custom_generate="folder" on an empty cache (4.52 fails)
 METHOD_FOLDER = Path(__file__).parent / "custom_generate"  # generate.py, requirements.txt, README.md (the Hub card)
 
 
@@ -14,7 +14,8 @@ def export_generate(directory: str | Path, *, overwrite: bool = False) -> Path:
     """Write the ``custom_generate`` folder (as on the Hub) into ``directory``; return its path.
 
     ``model.generate(..., custom_generate=str(directory), trust_remote_code=True, focus_config={...})``
-    then runs focus decoding (transformers >= 4.52); the folder can be pushed to the Hub as it is.
+    then runs focus decoding (transformers >= 4.53: 4.52 fails to copy it into an empty modules cache); the
+    folder can be pushed to the Hub as it is.
     """
     if not str(directory).strip():
         raise ValueError("export_generate needs a folder to write into, got an empty path; allowed: a folder "
