@@ -30,6 +30,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 ParamsSelector = Union[str, Sequence[str]]
+SELECTOR_WORDS = ("all", "head", "tail")  # with "last:N": selectors that name a part of the model, not parameters
 WRITTEN_BY = "written_by"  # key of a config file a program wrote: loaded strictly
 
 
@@ -48,8 +49,10 @@ class FocusConfig:
             ``mode`` (1.6e-5 for iFo, 2.56e-4 for doFo). Must be None under ``"normalized"``.
         steps: number of plain SGD steps (>= 1), focus set fixed across steps.
         params: which parameters the step updates: ``"all"``; ``"last:N"`` = the last N transformer
-            blocks plus the final norm (never the output head); or a list of name patterns
-            (``fnmatch`` globs, or a plain substring such as ``"lm_head"``).
+            blocks plus the final norm (never the output head); ``"head"`` = a classifier's top-level
+            fc/classifier/head module; ``"tail"`` = a language model's last MLP, its norms and the final
+            norm (refined from kept states, a few matrix-vector products); or a list of name patterns
+            (a full name, a module prefix such as ``"lm_head"``, or an ``fnmatch`` glob).
         step_rule: ``"fixed"`` (the method's: eta = lr) or ``"normalized"`` (eta = tau / ||g||^2 per
             input, over the selected parameters, so the focus loss drops by tau to first order
             whatever the size of the gradient).
@@ -205,7 +208,7 @@ def normalise_params(params: ParamsSelector) -> ParamsSelector:
         params = ()
     if isinstance(params, str):
         params = params.strip()
-        if params == "all":
+        if params in SELECTOR_WORDS:
             return params
         if params.startswith("last:"):
             n = params[5:]
@@ -214,13 +217,14 @@ def normalise_params(params: ParamsSelector) -> ParamsSelector:
             return f"last:{int(n)}"
         return (params,)  # a single name pattern
     if isinstance(params, Sequence) and params and all(isinstance(p, str) and p.strip() for p in params):
-        words = [p for p in params if p.strip() == "all" or p.strip().startswith("last:")]
+        words = [p for p in params if p.strip() in SELECTOR_WORDS or p.strip().startswith("last:")]
         if words and len(params) > 1:
             raise ValueError(f"FocusConfig.params: {words[0]!r} selects on its own and cannot be combined with other "
-                             f"patterns (got {list(params)!r}); allowed: 'all', 'last:N' or a list of name patterns")
+                             f"patterns (got {list(params)!r}); allowed: 'all', 'last:N', 'head', 'tail' or a list of "
+                             "name patterns")
         if words:
             return normalise_params(words[0])
         return tuple(p.strip() for p in params)
     raise ValueError(
-        "FocusConfig.params must be 'all', 'last:N' (N >= 1) or a non-empty list of non-empty parameter name "
-        f"patterns, got {params!r}")
+        "FocusConfig.params must be 'all', 'last:N' (N >= 1), 'head', 'tail' or a non-empty list of non-empty "
+        f"parameter name patterns, got {params!r}")

@@ -97,11 +97,22 @@ class ExactRMSNorm(nn.Module):
         return self.weight * (hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
 
 
+class ExactGemmaRMSNorm(nn.Module):
+    """Gemma's RMSNorm (scale 1 + weight) in the input's own dtype, holding the original module's weight."""
+
+    def __init__(self, weight: nn.Parameter, eps: float):
+        super().__init__()
+        self.weight, self.eps = weight, eps
+
+    def forward(self, hidden):
+        return hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + self.eps) * (1.0 + self.weight)
+
+
 def tiny_lm64(arch="llama", *, tied=True, layers=4, attn=None, seed=0):
     """``tiny_causal_lm(...).double()`` with no float32 islands, for exact comparisons.
 
-    Llama/Qwen2 norms are swapped for ``ExactRMSNorm``, and their default attention is sdpa (the eager
-    Llama/Qwen2 attention takes its softmax in float32). GPT-2's eager attention stays in float64 and
+    Llama/Qwen2 norms are swapped for ``ExactRMSNorm`` (Gemma-3's for ``ExactGemmaRMSNorm``), and their default
+    attention is sdpa (the eager Llama/Qwen2/Gemma attention takes its softmax in float32). GPT-2's eager attention stays in float64 and
     is the default there (transformers 4.46's sdpa mask for padded GPT-2 inputs overflows in float64).
     What stays float32 is the rotary table, a function of the positions alone, computed identically
     by every path.
@@ -111,7 +122,9 @@ def tiny_lm64(arch="llama", *, tied=True, layers=4, attn=None, seed=0):
     for name, module in list(model.named_modules()):
         if type(module).__name__.endswith("RMSNorm"):
             parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, ExactRMSNorm(module.weight, module.variance_epsilon))
+            exact = (ExactGemmaRMSNorm(module.weight, module.eps) if "Gemma" in type(module).__name__
+                     else ExactRMSNorm(module.weight, module.variance_epsilon))
+            setattr(model.get_submodule(parent), child, exact)
     assert all(p.dtype == torch.float64 for p in model.parameters())
     return model
 

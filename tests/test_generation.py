@@ -197,9 +197,13 @@ def test_beam_search_emits_log_probs(tiny_lm, monkeypatch):
 def test_num_return_sequences_padded_batch_contexts(tiny_lm, tiny_tokenizer, monkeypatch):
     model = enable(tiny_lm("llama", tied=False))
     seen = []
-    original = FocusLogitsProcessor._row_forward
-    monkeypatch.setattr(FocusLogitsProcessor, "_row_forward",
-                        lambda self, row, ids: seen.append((row, ids.clone())) or original(self, row, ids))
+    original = FocusLogitsProcessor._row_context
+
+    def spy(self, ids, mask):  # called for the uncertain rows of each step, in row order
+        context = original(self, ids, mask)
+        seen.append((len(seen) % 4, context.clone()))
+        return context
+    monkeypatch.setattr(FocusLogitsProcessor, "_row_context", spy)
     texts = ["w8 w9", "w5 w7 w9 w11"]
     batch = tiny_tokenizer(texts, return_tensors="pt", padding=True)
     prompts = [tiny_tokenizer(t).input_ids for t in texts]

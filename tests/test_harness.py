@@ -166,6 +166,7 @@ def direct_generation(model, tok, prompt: str, config: FocusConfig | None) -> st
 @pytest.mark.parametrize("focus", [
     {"mode": "ifo", "params": "all", "batch_size": 1},
     {"mode": "dofo", "params": "last:2", "batch_size": 3},  # cached top blocks; right-padded batches of 3
+    {"mode": "ifo", "params": "tail", "batch_size": 3},  # the position-wise tail from kept residuals
 ])
 def test_multiple_choice_matches_direct_computation(tiny_dir, tiny, tasks, focus):
     model, tok = tiny

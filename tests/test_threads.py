@@ -118,15 +118,16 @@ def test_plain_calls_during_focused_generates_are_bitwise_unchanged(tiny_lm, ass
     assert model.__dict__.keys() == attrs.keys() and all(model.__dict__[k] is v for k, v in attrs.items())
 
 
+@pytest.mark.parametrize("kept", ["last:2", "tail"])
 @pytest.mark.parametrize("route", ROUTES)
-def test_two_focused_generates_equal_their_serial_results(tiny_lm, assert_untouched, route):
+def test_two_focused_generates_equal_their_serial_results(tiny_lm, assert_untouched, route, kept):
     model = enable(tiny_lm("gpt2", tied=True)) if route == "enable" else tiny_lm("gpt2", tied=True)
     check = assert_untouched(model)
     focused = focused_via(route, model)
     alone = focused()
-    sampled_cfg = FocusConfig(threshold=1.0, lr=0.5, params="last:2")
+    sampled_cfg = FocusConfig(threshold=1.0, lr=0.5, params=kept)
 
-    def other():  # beam search, cached last:2 path, through focus_generate
+    def other():  # beam search, from kept states (the top blocks, or the tail), through focus_generate
         out = focus_generate(model, PROMPTS, focus_config=sampled_cfg, **{**GEN, "num_beams": 2})
         return out.sequences, out.focus_stats.to_dict()
 
@@ -152,7 +153,8 @@ def test_stats_are_per_thread(tiny_lm):
     assert seen[1.0][0].totals["refined"] == 8 and seen[1e-9][0].totals["refined"] == 0
 
 
-def test_classifier_and_plain_forwards_share_a_model(assert_untouched):
+@pytest.mark.parametrize("params", ["all", "head"])
+def test_classifier_and_plain_forwards_share_a_model(assert_untouched, params):
     from focus_decoding.vision import DigitsNet, FocusClassifier
 
     torch.manual_seed(0)
@@ -161,7 +163,7 @@ def test_classifier_and_plain_forwards_share_a_model(assert_untouched):
     images = torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         plain = model(images)
-    clf = FocusClassifier(model, FocusConfig(threshold=1.0, lr=1e-1), method="loop")
+    clf = FocusClassifier(model, FocusConfig(threshold=1.0, lr=1e-1, params=params), method="loop")
     alone = clf(images)
 
     def plain_forward():
@@ -178,7 +180,8 @@ def test_classifier_and_plain_forwards_share_a_model(assert_untouched):
     check()
 
 
-def test_evaluation_and_plain_forwards_share_a_model(tiny_lm, assert_untouched):
+@pytest.mark.parametrize("params", ["all", "tail"])
+def test_evaluation_and_plain_forwards_share_a_model(tiny_lm, assert_untouched, params):
     from focus_decoding.evaluation import evaluate_next_token
 
     class Bytes:  # any tokenizer with __call__ -> {"input_ids"} and eos_token_id
@@ -190,7 +193,7 @@ def test_evaluation_and_plain_forwards_share_a_model(tiny_lm, assert_untouched):
     model = tiny_lm("llama")
     check = assert_untouched(model)
     texts = ["the quick brown fox", "jumps over the lazy dog"]
-    cfg = FocusConfig(threshold=1.0, lr=1.0)
+    cfg = FocusConfig(threshold=1.0, lr=1.0 if params == "all" else 30.0, params=params)
     alone = evaluate_next_token(model, Bytes(), texts, cfg, context_length=12, progress=False)
     probe = torch.tensor([[1, 3, 5, 7, 9]])
     with torch.no_grad():

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from .. import method
 from ..config import FocusConfig
-from ..method import prefix
+from ..method import tail
 from ..text.refine import refine_position, refine_positions_batched
 from .report import MAX_K, TOPK_THRESHOLDS, FocusReport
 from .windows import scan, tokenize_stream, window_bounds
@@ -57,7 +57,7 @@ def evaluate_next_token(model: nn.Module, tokenizer, texts: Sequence[str], confi
     report.meta.update(model=_model_name(model), dataset=name, context_length=context_length, stride=stride,
                        batch_positions=batch_positions, shard=[rank, world], start_window=start_window)
     trainable, frozen = method.split_parameters(model, config.params)
-    n_top = prefix.prefix_blocks(model, config, warn=True)  # last:N: refine through the top blocks from kept states
+    n_top = tail.shortcut(model, config, warn=True)  # last:N / tail: refine from kept states
     if batch_positions > 1:
         n_top = None  # the batched (vmap) path runs the full model
     t0, refine_s = time.perf_counter(), 0.0

@@ -14,9 +14,11 @@ from typing import Callable, Iterable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
+import contextlib
+
 from .. import method
 from ..config import FocusConfig
-from ..method import prefix
+from ..method import prefix, tail
 
 
 def tokenize_stream(tokenizer, texts: Sequence[str]) -> Tensor:
@@ -59,14 +61,15 @@ class Window:
     first: int  # local position predicting the first scored label
     labels: Tensor  # [n] the scored labels
     uncertain: Tensor  # [n] the gate at the scored positions
-    states: dict[int, Tensor] = field(default_factory=dict)  # depth n -> states entering block L-n [1, T, H]
+    states: dict[int | str, Tensor] = field(default_factory=dict)  # n -> states entering block L-n [1, T, H];
+    #                                                                "tail" -> residuals before the last MLP
 
     @property
     def scored(self) -> Tensor:
         """[n, V] logits of the scored positions."""
         return self.logits[self.first:]
 
-    def kept(self, n: int | None) -> tuple[int, Tensor] | None:
+    def kept(self, n: int | str | None) -> tuple[int | str, Tensor] | None:
         """``(n, states)`` for ``text.refine_position`` (None: the full model)."""
         return None if n is None else (n, self.states[n])
 
@@ -75,17 +78,21 @@ def scan(view: nn.Module, stream: Tensor, bounds: Sequence[tuple[int, int, int]]
          windows: Iterable[int] | None = None, depths: Callable[[], Iterable[int]] = tuple) -> Iterator[Window]:
     """One no-grad forward per window of ``bounds`` (those numbered in ``windows``, default all).
 
-    ``depths()`` (asked before each window) names the top-block depths whose entering states to keep;
-    the hidden states are only requested when it names one.
+    ``depths()`` (asked before each window) names the kept-state paths (``method.tail.shortcut``) whose
+    states to keep: top-block depths (the hidden states are only requested then) and ``"tail"``.
     """
     for w in range(len(bounds)) if windows is None else windows:
         s, lo, hi = bounds[w]
         ids = stream[s:hi - 1][None]
         keep = {n for n in depths() if n is not None}
-        with torch.no_grad():
-            out = view(ids, use_cache=False, output_hidden_states=bool(keep))
+        blocks = {n for n in keep if n != tail.TAIL}
+        capture = tail.TailCapture(view) if tail.TAIL in keep else contextlib.nullcontext()
+        with torch.no_grad(), capture:
+            out = view(ids, use_cache=False, output_hidden_states=bool(blocks))
             logits = method.widen(out.logits[0])
-        states = {n: prefix.window_states(out, view, n) for n in keep}
+        states = {n: prefix.window_states(out, view, n) for n in blocks}
+        if tail.TAIL in keep:
+            states[tail.TAIL] = capture.states
         del out
         first = lo - 1 - s
         yield Window(w, s, ids, logits, first, stream[lo:hi], method.gate(logits[first:], config), states)

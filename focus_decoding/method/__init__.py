@@ -3,7 +3,8 @@ selection, module views and the cached top-blocks prefix. It knows no decoding l
 
 Read in this order: ``gate`` (which predictions, which classes) -> ``losses`` (one per mode) ->
 ``step`` (eta, the update, Algorithm 1) -> ``params`` (what the step updates) -> ``views`` (where
-it runs) -> ``prefix`` (running only the top blocks, from kept states).
+it runs) -> ``prefix`` (running only the top blocks, from kept states) -> ``tail`` (running only a classifier's
+head, or a language model's position-wise tail, from kept inputs).
 """
 from .gate import focus_classes, gate, is_uncertain, top2_gap, widen
 from .losses import LOSSES, dofo_loss, entropy_loss, focus_loss, ifo_loss

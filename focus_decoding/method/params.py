@@ -1,7 +1,9 @@
 """Which parameters the step updates: the ``params`` selector, its one text grammar, and the split.
 
-A selector is ``"all"``, ``"last:N"`` (the last N transformer blocks plus the final norm, never the
-output head) or a tuple of name patterns (a full name, a module prefix such as ``"lm_head"`` or
+A selector is ``"all"``; ``"last:N"`` (the last N transformer blocks plus the final norm, never the
+output head); ``"head"`` (a classifier's one top-level ``fc``/``classifier``/``head``/``heads``
+module); ``"tail"`` (a language model's position-wise tail: the last block's MLP with its norms and
+the final norm); or a tuple of name patterns (a full name, a module prefix such as ``"lm_head"`` or
 ``"model.layers.3"``, or an ``fnmatch`` glob such as ``"*norm*"``). On the command line and in
 ``tune`` grids one grammar writes them: ``+`` joins the patterns of one selector and ``,`` separates
 selectors (``"last:2,model.norm+lm_head"`` is two candidates).
@@ -20,19 +22,29 @@ from typing import Any, Iterable
 
 from torch import Tensor, nn
 
-from ..config import normalise_params
+from ..config import SELECTOR_WORDS, normalise_params
 
 FINAL_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "norm_f", "final_norm")
-WORDS = ("all", "last:N")  # selectors that are not name patterns
+HEAD_NAMES = ("fc", "classifier", "head", "heads")  # torchvision's and ccexam's names for a classifier's head
+# model type -> (norm before the MLP, the MLP, norm after it or None): the position-wise part of the last block
+MLP_PARTS = {
+    "llama": ("post_attention_layernorm", "mlp", None), "qwen2": ("post_attention_layernorm", "mlp", None),
+    "mistral": ("post_attention_layernorm", "mlp", None), "gpt2": ("ln_2", "mlp", None),
+    "gemma3_text": ("pre_feedforward_layernorm", "mlp", "post_feedforward_layernorm"),
+    "gemma2": ("pre_feedforward_layernorm", "mlp", "post_feedforward_layernorm"),
+}
+
+
 
 
 # ----------------------------------------------------------------------------- the text grammar
 def parse_selector(text: str) -> Any:
-    """One selector from text: ``"all"``, ``"last:N"``, or patterns joined by ``+`` (a tuple)."""
+    """One selector from text: ``"all"``, ``"last:N"``, ``"head"``, ``"tail"``, or patterns joined by ``+`` (a tuple)."""
     patterns = tuple(p.strip() for p in str(text).split("+") if p.strip())
     if not patterns:
-        raise ValueError(f"params selector {text!r} is empty; allowed: all, last:N or name patterns joined by '+'")
-    if len(patterns) == 1 and (patterns[0] == "all" or patterns[0].startswith("last:")):
+        raise ValueError(f"params selector {text!r} is empty; allowed: all, last:N, head, tail or name patterns "
+                         "joined by '+'")
+    if len(patterns) == 1 and (patterns[0] in SELECTOR_WORDS or patterns[0].startswith("last:")):
         return patterns[0]
     return patterns
 
@@ -90,6 +102,31 @@ def name_matches(name: str, pattern: str) -> bool:
     return name == pattern or name.startswith(pattern + ".") or fnmatch.fnmatchcase(name, pattern)
 
 
+def head_name(model: nn.Module) -> str:
+    """The classifier head ``params="head"`` means: the one top-level module named fc, classifier, head or heads."""
+    found = [name for name, m in model.named_children() if name in HEAD_NAMES and any(True for _ in m.parameters())]
+    if len(found) != 1:
+        which = f"has {found}" if found else "has none of them"
+        raise ValueError(f"FocusConfig.params='head' needs exactly one top-level module named one of {HEAD_NAMES} "
+                         f"with parameters; {type(model).__name__} {which}; name the head's parameters instead "
+                         "(e.g. params=['classifier'])")
+    return found[0]
+
+
+def tail_modules(model: nn.Module) -> list[str]:
+    """Module names of the position-wise tail: the last block's norm(s) and MLP, and the final norm."""
+    kind = getattr(getattr(model, "config", None), "model_type", None)
+    if kind not in MLP_PARTS:
+        raise ValueError(f"FocusConfig.params='tail' is defined for the model types {sorted(MLP_PARTS)}; this model's "
+                         f"is {kind!r} ({type(model).__name__}); use 'last:N' instead")
+    prefix, blocks = find_blocks(model)
+    last = f"{prefix}.{len(blocks) - 1}"
+    norms = final_norm_names(model)
+    if len(norms) != 1:
+        raise ValueError(f"FocusConfig.params='tail': {type(model).__name__} has no single final norm ({norms})")
+    return [f"{last}.{part}" for part in MLP_PARTS[kind] if part is not None] + norms
+
+
 # ----------------------------------------------------------------------------- the split
 def split_parameters(model: nn.Module, selector) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """(parameters the step updates, the rest), by canonical name; tied weights appear once.
@@ -103,9 +140,11 @@ def split_parameters(model: nn.Module, selector) -> tuple[dict[str, Tensor], dic
     if selector == "all":
         chosen = set(canonical.values())
     else:
-        last = isinstance(selector, str) and selector.startswith("last:")
-        patterns = last_blocks_modules(model, int(selector[5:])) if last else list(selector)
-        chosen = _matched(model, canonical, patterns, check=not last)
+        word = isinstance(selector, str)
+        patterns = (last_blocks_modules(model, int(selector[5:])) if word and selector.startswith("last:")
+                    else [head_name(model)] if selector == "head" else tail_modules(model) if selector == "tail"
+                    else list(selector))
+        chosen = _matched(model, canonical, patterns, check=not word)
     params = dict(model.named_parameters())
     trainable = {n: params[n] for n in params if n in chosen}
     frozen = {n: params[n].detach() for n in params if n not in chosen}

@@ -37,7 +37,7 @@ Example:
 from __future__ import annotations
 
 import warnings
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -207,22 +207,30 @@ def top_forward(model: nn.Module, n: int, hidden: Tensor, attention_mask: Tensor
     (positions 0..T-1). The causal mask and rotary embeddings are the ones the model itself builds
     for that input. ``attention_mask``, if given, must be all ones (the context is unpadded).
     """
-    if hidden.dim() != 3 or hidden.shape[0] != 1:
-        raise ValueError(f"hidden must have shape [1, T, H], got {tuple(hidden.shape)}")
     if attention_mask is not None and (attention_mask.shape != hidden.shape[:2] or not bool(attention_mask.all())):
         raise ValueError("attention_mask must be None or all ones of shape [1, T] (the context is unpadded)")
+    logits = top_logits(model, n, hidden)
+    hidden = as_normal_tensor(hidden.detach())
+    return lambda values: logits(values, hidden)
+
+
+def top_logits(model: nn.Module, n: int, like: Tensor) -> Callable[[Mapping[str, Tensor], Tensor], Tensor]:
+    """``logits(values, hidden)``: the last position's logits from ``hidden`` [1, T, H] entering block L-n, for every
+    unpadded context of ``like``'s length T (they share the mask and rotary embeddings): one function that
+    ``method.refine_batched`` maps over the states of many rows at once."""
+    if like.dim() != 3 or like.shape[0] != 1:
+        raise ValueError(f"hidden must have shape [1, T, H], got {tuple(like.shape)}")
     view = as_view(model)  # swaps happen on the view's modules
     mods = list(_top_modules(view, n).values())
     top = _Top(mods[:-2], mods[-2], mods[-1], getattr(view.config, "final_logit_softcapping", None))
     canonical = {id(p): name for name, p in view.named_parameters()}
     rename = {local: canonical[id(p)] for local, p in top.named_parameters()}
-    hidden = as_normal_tensor(hidden.detach())
-    inputs = _block_inputs(view, n, hidden, attention_mask)
+    inputs = _block_inputs(view, n, as_normal_tensor(like.detach()), None)
 
-    def forward(values: Mapping[str, Tensor]) -> Tensor:
+    def logits(values: Mapping[str, Tensor], hidden: Tensor) -> Tensor:
         local = {k: values[c] for k, c in rename.items() if c in values}
         return functional_call(top, local, (hidden, inputs), strict=False)
-    return forward
+    return logits
 
 
 # ----------------------------------------------------------------------------- where the states come from

@@ -25,6 +25,7 @@ the backend imported::
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import sys
@@ -37,7 +38,7 @@ from lm_eval.models.huggingface import HFLM
 
 from .. import method
 from ..config import PRESETS, FocusConfig
-from ..method import prefix
+from ..method import prefix, tail
 from ..resources.models import DEFAULT_MODEL, default_model_path, is_embedded, tie_missing_gguf_head
 from .ways_in import focus_generate, last_focus_stats
 from .processor import STAT_FIELDS
@@ -79,7 +80,7 @@ class FocusLM(HFLM):
             raise ValueError(f"{NAME} supports decoder-only (causal) models; this one is {self.backend}")
         self._view = method.module_view(self.model)  # private module tree: the step never touches the model
         self._trainable, self._frozen = method.split_parameters(self._view, self.focus_config.params)
-        self._n_top = prefix.prefix_blocks(self._view, self.focus_config, warn=True)  # last:N: top blocks only
+        self._n_top = tail.shortcut(self._view, self.focus_config, warn=True)  # last:N / tail: from kept states
         self._scored: tuple[dict[tuple[int, ...], int], list[int]] | None = None  # set while scoring
         self._generating = False
         self.focus_stats = {kind: dict.fromkeys(STAT_FIELDS, 0) for kind in ("loglikelihood", "generate_until")}
@@ -128,14 +129,16 @@ class FocusLM(HFLM):
                     stats[name] += int(getattr(res, name))
 
     def _kept_states(self, inps: torch.Tensor, gated: dict[int, list[int]]) -> dict[int, torch.Tensor] | None:
-        """States entering block L-n (last:N cached path), from one no-grad forward up to the last gated position."""
+        """The kept states (states entering block L-n for last:N, residuals before the last MLP for the tail), from one
+        no-grad forward up to the last gated position."""
         if self._n_top is None:
             return None
         rows = sorted(gated)
         end = max(max(ts) for ts in gated.values()) + 1
-        with torch.no_grad():
-            out = self._view(inps[rows, :end], use_cache=False, output_hidden_states=True)
-        states = prefix.window_states(out, self._view, self._n_top)
+        on_tail = self._n_top == tail.TAIL
+        with torch.no_grad(), tail.TailCapture(self._view) if on_tail else contextlib.nullcontext() as capture:
+            out = self._view(inps[rows, :end], use_cache=False, output_hidden_states=not on_tail)
+        states = capture.states if on_tail else prefix.window_states(out, self._view, self._n_top)
         return {row: states[i:i + 1] for i, row in enumerate(rows)}
 
     # ------------------------------------------------------------------ generation

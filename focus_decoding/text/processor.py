@@ -15,7 +15,7 @@ from transformers import LogitsProcessor
 
 from .. import method
 from ..config import FocusConfig
-from ..method import prefix
+from ..method import prefix, tail
 
 STAT_FIELDS = ("checked", "uncertain", "refined", "changed", "nonfinite")
 
@@ -34,12 +34,6 @@ class FocusStats:
     refined: list[int] = field(default_factory=list)
     changed: list[int] = field(default_factory=list)
     nonfinite: list[int] = field(default_factory=list)
-
-    def ensure_rows(self, rows: int) -> None:
-        """Grow every per-row list to ``rows`` entries."""
-        for name in STAT_FIELDS:
-            counts = getattr(self, name)
-            counts.extend([0] * (rows - len(counts)))
 
     @property
     def totals(self) -> dict[str, int]:
@@ -73,6 +67,9 @@ class FocusLogitsProcessor(LogitsProcessor):
         eos_token_id: id(s) that end a row; rows that already generated one are skipped (their scores
             are discarded by generate anyway). Needs ``attention_mask`` to know where generation began.
 
+        max_batch: uncertain rows refined together where they share one computation (``params="tail"``;
+            ``"last:N"`` contexts of one length); bounds the per-row parameter copies held at once.
+
     Statistics accumulate in ``self.stats`` (:class:`FocusStats`).
 
     Example:
@@ -91,56 +88,61 @@ class FocusLogitsProcessor(LogitsProcessor):
 
     def __init__(self, model: nn.Module, config: FocusConfig | Mapping[str, Any],
                  attention_mask: Tensor | None = None, *, scores_are_log_probs: bool = False,
-                 eos_token_id: int | list[int] | Tensor | None = None) -> None:
+                 eos_token_id: int | list[int] | Tensor | None = None, max_batch: int = 8) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         check_decoder_only(model)
         if attention_mask is not None and (not isinstance(attention_mask, Tensor) or attention_mask.dim() != 2):
             raise ValueError("attention_mask must be a 2-D tensor [batch, prompt_len] of 0/1, or None")
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
         self.model = model
         self.view = method.module_view(model)  # eval mode; every refinement forward runs here
         self.config = FocusConfig.coerce(config)
         self.attention_mask = attention_mask
         self.scores_are_log_probs = bool(scores_are_log_probs)
         self.eos_token_id = None if eos_token_id is None else torch.as_tensor(eos_token_id).flatten()
+        self.max_batch = max_batch
         # selected once per processor: the parameter split is the same at every position
         self.trainable, self.frozen = method.split_parameters(self.view, self.config.params)
-        self.stats = FocusStats()
+        self._counts: Tensor | None = None  # [5, rows] on the scores' device: STAT_FIELDS, no host sync per step
         self._keep = method.last_logits_kwargs(model)
         self._mask_cache: Tensor | None = None
-        # cached-prefix fast path (method.prefix): text.ways_in sets a HiddenRecorder here
+        # kept-state fast paths, set by text.ways_in: a HiddenRecorder (last:N, method.prefix) or a TailCapture (tail)
         self.recorder: prefix.HiddenRecorder | None = None
+        self.tail: tail.TailCapture | None = None
         self._seen: tuple[Tensor, Tensor | None] | None = None
 
+    @property
+    def stats(self) -> FocusStats:
+        """What the processor did so far, per row (:class:`FocusStats`)."""
+        if self._counts is None:
+            return FocusStats()
+        return FocusStats(*(row.tolist() for row in self._counts))
+
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        """Scores with every uncertain row replaced by its refined scores (same space as given)."""
+        """Scores with every uncertain row replaced by its refined scores (same space as given).
+
+        A step where no row is uncertain costs the gate and one host sync (a single bool): the counts
+        stay on the device, and nothing else is computed.
+        """
         rows = input_ids.shape[0]
         if scores.dim() != 2 or scores.shape[0] != rows:
             raise ValueError(f"scores must be [batch, vocab] with batch = {rows}, got {tuple(scores.shape)}")
-        self.stats.ensure_rows(rows)
+        counts = self._grow(rows, scores.device)
         mask = self._row_masks(rows)
-        active = self._active_rows(input_ids, mask)
         if self.recorder is not None:  # file the states the forward just computed (every step, every row)
             self.recorder.observe(input_ids)
             self._seen = (input_ids, mask)
-        uncertain = method.gate(scores, self.config).tolist()  # batched: cheap when nothing fires
-        todo = []
-        for row in range(rows):
-            if active[row]:
-                self.stats.checked[row] += 1
-                if uncertain[row]:
-                    todo.append(row)
-        if not todo:  # the common case: leave the scores (and the model's flags) alone
+        active = self._active_rows(input_ids, mask)
+        todo = method.gate(scores, self.config) & active
+        counts[0, :rows] += active
+        if not bool(todo.any()):  # the common case: leave the scores (and the model's flags) alone
             return scores
         out = scores.clone()
-        for row in todo:
-            ids = self._row_context(input_ids[row], None if mask is None else mask[row])
-            if ids.shape[1] == 0:  # a fully padded prompt: no context to refine on yet
-                continue
-            result = method.focus_step(self._row_forward(row, ids), scores[row], self.trainable, self.frozen,
-                                     self.config)
-            for name in ("uncertain", "refined", "changed", "nonfinite"):
-                getattr(self.stats, name)[row] += int(getattr(result, name))
+        for row, result in self._refine(todo.nonzero().flatten().tolist(), input_ids, mask, scores):
+            for i, name in enumerate(STAT_FIELDS[1:], start=1):
+                counts[i, row] += int(getattr(result, name))
             if result.refined:
                 new = result.logits
                 if self.scores_are_log_probs:
@@ -148,14 +150,63 @@ class FocusLogitsProcessor(LogitsProcessor):
                 out[row] = new
         return out
 
-    def _row_forward(self, row: int, ids: Tensor) -> method.Forward:
-        """Forward for one row: the full model on ``ids`` ([1, L]) without KV cache, last logits."""
-        if self.recorder is not None:  # last:N: run only the top blocks from the recorded states
-            seen, mask = self._seen
-            hidden = self.recorder.hidden_for(row, seen[row], None if mask is None else mask[row])
-            if hidden is not None and hidden.shape[1] == ids.shape[1]:
-                return prefix.top_forward(self.view, self.recorder.n, hidden)
-        return method.model_forward(self.view, ids, use_cache=False, select=lambda o: o.logits[0, -1], **self._keep)
+    # ------------------------------------------------------------------ the refinements of one step
+    def _refine(self, rows: list[int], input_ids: Tensor, mask: Tensor | None, scores: Tensor):
+        """(row, StepResult) for each uncertain row: from kept states, several rows at once where they share
+        one computation (the tail; last:N contexts of one length), else one row at a time on its context."""
+        if self.tail is not None and self.tail.states is not None and self.tail.states.shape[0] == len(input_ids):
+            states = self.tail.states[:, -1]  # this step's forward: each row's residual at its newest position
+            yield from self._together(rows, states, scores, lambda values, state: tail.tail_logits(
+                self.view, {**self.frozen, **values}, state))
+            return
+        groups: dict[int, list[tuple[int, Tensor]]] = {}
+        for row in rows:
+            ids = self._row_context(input_ids[row], None if mask is None else mask[row])
+            if ids.shape[1] == 0:  # a fully padded prompt: no context to refine on yet
+                continue
+            hidden = self._kept_hidden(row, ids)
+            if hidden is None:
+                forward = method.model_forward(self.view, ids, use_cache=False, select=lambda o: o.logits[0, -1],
+                                               **self._keep)
+                yield row, method.focus_step(forward, scores[row], self.trainable, self.frozen, self.config)
+            else:
+                groups.setdefault(hidden.shape[1], []).append((row, hidden))
+        for group in groups.values():  # rows whose contexts have one length share the mask and rotary embeddings
+            logits = prefix.top_logits(self.view, self.recorder.n, group[0][1])
+            yield from self._together([r for r, _ in group], torch.stack([h for _, h in group]), scores,
+                                      lambda values, hidden: logits({**self.frozen, **values}, hidden))
+
+    def _together(self, rows: list[int], inputs: Tensor, scores: Tensor, one):
+        """Refine ``rows`` (their kept ``inputs``, one per row) in chunks of ``max_batch``, each row its own step."""
+        for start in range(0, len(rows), self.max_batch):
+            chunk = rows[start:start + self.max_batch]
+            x = inputs[start:start + self.max_batch] if len(inputs) == len(rows) else inputs[chunk]
+            if len(chunk) == 1:  # one row: the plain step (same numbers, no vmap overhead)
+                result = method.focus_step(lambda values, xi=x[0]: one(values, xi), scores[chunk[0]],
+                                           self.trainable, self.frozen, self.config)
+                yield chunk[0], result
+                continue
+            focus = method.focus_classes(scores[chunk], self.config.n_focus)
+            new = method.refine_batched(one, self.trainable, focus, self.config, x)
+            for i, row in enumerate(chunk):
+                yield row, method.step_result(scores[row], new[i])
+
+    def _kept_hidden(self, row: int, ids: Tensor) -> Tensor | None:
+        """last:N: the states entering the top blocks for ``row``'s context (None: run the full model)."""
+        if self.recorder is None:
+            return None
+        seen, mask = self._seen
+        hidden = self.recorder.hidden_for(row, seen[row], None if mask is None else mask[row])
+        return hidden if hidden is not None and hidden.shape[1] == ids.shape[1] else None
+
+    def _grow(self, rows: int, device) -> Tensor:
+        """The device counters, with a column for every row being decoded."""
+        if self._counts is None:
+            self._counts = torch.zeros(len(STAT_FIELDS), rows, dtype=torch.long, device=device)
+        elif self._counts.shape[1] < rows:
+            extra = torch.zeros(len(STAT_FIELDS), rows - self._counts.shape[1], dtype=torch.long, device=device)
+            self._counts = torch.cat([self._counts, extra], dim=1)
+        return self._counts
 
     def _row_context(self, ids: Tensor, mask: Tensor | None) -> Tensor:
         """A row's unpadded context [1, L]: prompt tokens where mask is 1, then every generated token."""
@@ -175,12 +226,12 @@ class FocusLogitsProcessor(LogitsProcessor):
             self._mask_cache = mask.repeat_interleave(rows // mask.shape[0], dim=0)
         return self._mask_cache
 
-    def _active_rows(self, input_ids: Tensor, mask: Tensor | None) -> list[bool]:
+    def _active_rows(self, input_ids: Tensor, mask: Tensor | None) -> Tensor:
+        """[rows] bool on the device: rows still generating (no EOS yet)."""
         if self.eos_token_id is None or mask is None or input_ids.shape[1] <= mask.shape[1]:
-            return [True] * input_ids.shape[0]
+            return torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         generated = input_ids[:, mask.shape[1]:]
-        done = torch.isin(generated, self.eos_token_id.to(generated.device)).any(dim=1)
-        return (~done).tolist()
+        return ~torch.isin(generated, self.eos_token_id.to(generated.device)).any(dim=1)
 
 
 def check_decoder_only(model: nn.Module) -> None:

@@ -15,19 +15,22 @@ from torch.func import functional_call
 
 from .. import method
 from ..config import FocusConfig
-from ..method import prefix
+from ..method import prefix, tail
 
 
 def refine_position(model, ids: Tensor, logits_t: Tensor, t: int, trainable, frozen, config: FocusConfig,
-                    kept: tuple[int, Tensor] | None = None) -> method.StepResult:
+                    kept: tuple[int | str, Tensor] | None = None) -> method.StepResult:
     """The method's step for the prediction at local position ``t`` of ``ids`` [1, T], exactly as in generation.
 
     ``kept = (n, states entering block L-n for the window)`` runs the step through the top n blocks
-    only (``method.prefix``; valid for last:N); None runs the full model.
+    only (``method.prefix``; valid for last:N); ``("tail", residuals after the last block's attention)``
+    through the position-wise tail (``params="tail"``); None runs the full model.
     """
     if kept is not None:
         n, states = kept
-        return method.focus_step(prefix.top_forward(model, n, states[:, :t + 1]), logits_t, trainable, frozen, config)
+        forward = (tail.tail_forward(model, states[0, t]) if n == tail.TAIL
+                   else prefix.top_forward(model, n, states[:, :t + 1]))
+        return method.focus_step(forward, logits_t, trainable, frozen, config)
     forward = method.model_forward(model, ids[:, :t + 1], use_cache=False, select=lambda o: o.logits[0, -1],
                                    **method.last_logits_kwargs(model))
     return method.focus_step(forward, logits_t, trainable, frozen, config)

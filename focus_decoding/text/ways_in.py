@@ -42,7 +42,7 @@ from transformers.utils import ModelOutput
 
 from .. import method
 from ..config import FocusConfig
-from ..method import prefix
+from ..method import prefix, tail
 from .processor import FocusLogitsProcessor, FocusStats, check_decoder_only
 
 TRANSFORMERS = Version(transformers.__version__)
@@ -104,15 +104,19 @@ def _run_loop(model: nn.Module, loop: nn.Module, config: FocusConfig, loop_name:
     if any(isinstance(p, FocusLogitsProcessor) for p in user):
         raise ValueError("pass either focus_config or a FocusLogitsProcessor in logits_processor, not both")
     focus = _processor_for(model, config, input_ids, gen_config, kwargs)
-    n_top = prefix.prefix_blocks(model, config, warn=True)  # cached-prefix fast path for last:N, when valid
-    recorder = None if n_top is None else prefix.HiddenRecorder(loop, n_top)
-    focus.recorder = recorder
+    kept = tail.shortcut(model, config, warn=True)  # refine from states the loop's forwards keep, when valid
+    if kept == tail.TAIL:
+        focus.tail = hooks = tail.TailCapture(loop)
+    elif kept is not None:
+        focus.recorder = hooks = prefix.HiddenRecorder(loop, kept)
+    else:
+        hooks = contextlib.nullcontext()
     kwargs["logits_processor"] = LogitsProcessorList([focus, *user])  # FIRST: refine, then warp
-    with recorder if recorder is not None else contextlib.nullcontext():  # hooks removed on exit
+    with hooks:  # the hooks sit on the loop's view and are removed on exit
         out = getattr(type(model), loop_name)(loop, *args, **kwargs)
-    _last.stats = focus.stats
+    _last.stats = stats = focus.stats
     if isinstance(out, ModelOutput):
-        out.focus_stats = focus.stats
+        out.focus_stats = stats
     return out
 
 

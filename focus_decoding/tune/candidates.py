@@ -10,7 +10,7 @@ from typing import Any, Sequence
 
 from ..config import FocusConfig
 from ..method import find_blocks
-from ..method.prefix import prefix_blocks
+from ..method.tail import TAIL, shortcut
 
 DEFAULT_MODES = ("ifo",)
 # Defaults from docs/results.md (SmolLM2-135M, three corpora): lr 1e-2 was harmful on every corpus and
@@ -39,12 +39,13 @@ def candidate_grid(*, modes: Sequence[str] = DEFAULT_MODES, params: Sequence[Any
 
 
 def refinement_cost(model, config: FocusConfig) -> float:
-    """One refinement's cost relative to a full-model one: N/L on the cached last:N path, else 1, times steps."""
-    n_top = prefix_blocks(model, config)
+    """One refinement's cost relative to a full-model one, times steps: N/L on the cached last:N path, half a block
+    (one MLP of L blocks' attention and MLP) on the tail, else 1."""
+    n_top = shortcut(model, config)
     if n_top is None:
         return float(config.steps)
     _, blocks = find_blocks(model)
-    return config.steps * n_top / len(blocks)
+    return config.steps * (0.5 if n_top == TAIL else n_top) / len(blocks)
 
 
 def check_candidates(candidates: Sequence[FocusConfig]) -> None:

@@ -19,7 +19,7 @@ from ..config import FocusConfig
 from ..evaluation.outcomes import outcome
 from ..evaluation.report import FocusReport
 from ..evaluation.windows import Window, scan, tokenize_stream, window_bounds
-from ..method.prefix import prefix_blocks
+from ..method.tail import shortcut
 from ..text.refine import refine_position
 from .candidates import check_candidates, refinement_cost
 from .race import Race, StopRule
@@ -106,7 +106,7 @@ class Refiner:
     def __init__(self, model, config: FocusConfig):
         self.config = config
         self.trainable, self.frozen = method.split_parameters(model, config.params)
-        self.n_top = prefix_blocks(model, config, warn=True)
+        self.n_top = shortcut(model, config, warn=True)
 
 
 def count_uncertain(view, stream: torch.Tensor, bounds, config: FocusConfig, limit: int | None,

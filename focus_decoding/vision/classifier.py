@@ -1,5 +1,9 @@
 """`FocusClassifier`: an image classifier whose uncertain rows each get their own focus step.
 
+Where the selected parameters all live in the classifier's head (``params="head"``), the step runs
+through the head alone from its input kept during the first forward (``method.tail``), all uncertain
+rows of a batch at once, each with its own step.
+
 The step runs in eval mode (BatchNorm reads its running statistics and never updates them, dropout
 is off) and purely functionally, on a private view of the model's module tree (``method.module_view``),
 so the wrapped model is never modified, not even while a call runs: other threads may use it. Uncertain rows are
@@ -12,6 +16,7 @@ one warning, to a per-row loop over ``method.focus_step``; both paths give the s
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 import warnings
 from dataclasses import asdict, dataclass
@@ -23,6 +28,7 @@ from torch.func import functional_call
 
 from .. import method
 from ..config import FocusConfig
+from ..method import tail
 
 METHODS = ("auto", "vmap", "loop")
 
@@ -46,7 +52,8 @@ class ClassifierStats:
     changed: int = 0  # refined rows whose argmax changed
     nonfinite: int = 0  # uncertain rows whose refinement overflowed (original logits kept)
     nonfinite_inputs: int = 0  # images holding NaN/inf (never refined; warned once per classifier)
-    vectorized: bool = True  # the vmap path ran (False: per-row loop)
+    vectorized: bool = True  # the uncertain rows were refined together (False: one by one)
+    head: bool = False  # the step ran through the head alone, from its kept inputs
 
     @property
     def total(self) -> int:
@@ -83,6 +90,12 @@ class FocusClassifier:
         max_batch: uncertain images refined together; bounds memory (see the module docstring).
         method: ``"auto"`` (vmap on CUDA, falling back to the loop once if vmap fails; the loop on
             CPU, where it measured faster: ``benchmarks/speed_vision.py``), ``"vmap"`` or ``"loop"``.
+            The head path (below) refines all uncertain rows together unless ``"loop"``.
+        through_head: when every parameter ``config.params`` selects lives in one submodule whose output
+            is the model's output (``params="head"``, ``"classifier"``, ``"fc"``...), keep that
+            submodule's input from the first forward and run the step through it alone: the same
+            logits, a fraction of the cost. Checked on every batch (else the whole model, with one
+            warning naming why). ``False`` always runs the whole model.
 
     Example:
         >>> import torch
@@ -96,7 +109,7 @@ class FocusClassifier:
     """
 
     def __init__(self, model: nn.Module, config: FocusConfig | Mapping | None = None, *,
-                 max_batch: int = 8, method: str = "auto") -> None:
+                 max_batch: int = 8, method: str = "auto", through_head: bool = True) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
@@ -108,6 +121,8 @@ class FocusClassifier:
         self.max_batch = max_batch
         self.method = method
         self.vectorized = method != "loop"  # becomes False for good after one failed vmap under "auto"
+        self.through_head = bool(through_head)
+        self._head: str | bool | None = None  # the head the step runs through; False: the whole model (decided)
         self._local = threading.local()  # stats per thread: one classifier may serve several threads
         self._warned_nonfinite = False
 
@@ -127,7 +142,9 @@ class FocusClassifier:
         images = method.as_normal_tensor(images)
         cfg = self.config
         view = method.module_view(self.model)  # eval mode, private: the caller's model is never touched
-        with torch.no_grad():
+        heads = self._heads_of(view) if self.through_head else []
+        capture = tail.HeadCapture(view, heads) if heads else None
+        with torch.no_grad(), capture or contextlib.nullcontext():  # the hook sits on the view only
             base = logits_of(view(images))
         if base.shape[0] != images.shape[0]:
             raise ValueError(f"the model returned {base.shape[0]} rows of logits for {images.shape[0]} images")
@@ -145,24 +162,64 @@ class FocusClassifier:
         if rows.numel():
             focus = method.focus_classes(base[rows], cfg.n_focus)  # validates n_focus vs classes
             trainable, frozen = method.split_parameters(view, cfg.params)
+            one, inputs, closed = self._row_forward(view, images, base, capture, trainable, frozen)
+            stats.head = inputs is not images
             for start in range(0, rows.numel(), self.max_batch):
                 idx = rows[start:start + self.max_batch]
-                new = self._refine_chunk(view, images[idx], base[idx], focus[start:start + self.max_batch],
-                                         trainable, frozen)
+                chunk = focus[start:start + self.max_batch]
+                new = closed(inputs[idx], chunk) if closed is not None and self.method != "loop" else None
+                if new is None:
+                    new = self._refine_chunk(one, inputs[idx], base[idx], chunk, trainable,
+                                             batched=stats.head or self._vectorises(images.device))
                 ok = torch.isfinite(new).all(-1)
                 out[idx[ok]] = new[ok].to(out.dtype)
                 stats.nonfinite += int((~ok).sum())
         stats.refined = stats.uncertain - stats.nonfinite
         stats.changed = int((out.argmax(-1) != base.argmax(-1)).sum())
-        stats.vectorized = self.vectorized and (self.method == "vmap" or _vmap_pays_off(images.device))
+        stats.vectorized = stats.head or (self.vectorized and self._vectorises(images.device))
         self._local.stats = stats
         return base, out, gate
 
-    # ------------------------------------------------------------------ the two paths
-    def _refine_chunk(self, view: nn.Module, x: Tensor, base: Tensor, focus: Tensor, trainable, frozen) -> Tensor:
-        if self.vectorized and (self.method == "vmap" or _vmap_pays_off(x.device)):
+    # ------------------------------------------------------------------ where the step runs
+    def _heads_of(self, view: nn.Module) -> list[str]:
+        """The submodules the step may run through alone, smallest first ([]: the whole model), from the selection."""
+        if self._head is False:
+            return []
+        trainable, _ = method.split_parameters(view, self.config.params)
+        names = [self._head] if isinstance(self._head, str) else tail.owning_modules(view, trainable)
+        if not names:
+            self._head = False  # no proper submodule holds the selection: the whole model, always
+        return names
+
+    def _row_forward(self, view, images, base, capture, trainable, frozen):
+        """(one-row forward ``one(values, x)``, the rows it takes, the closed-form refinement of many rows or None):
+        the head from its kept inputs, or the whole model."""
+        if capture is not None:
+            name, kept, why = capture.choose(base)
+            if name is not None:
+                self._head, head, prefix = name, view.get_submodule(name), name + "."
+                layers = tail.linear_layers(head, trainable, prefix)
+                closed = None if layers is None else (
+                    lambda x, focus: tail.refine_linear_head(head, layers, trainable, prefix, x, focus, self.config))
+                return tail.head_forward(view, name, base.shape[-1], frozen), kept, closed
+            self._head = False
+            warnings.warn(f"FocusClassifier: the step cannot run through {capture.names[-1]!r} alone ({why}); "
+                          "using the whole model from now on", RuntimeWarning, stacklevel=4)
+        frozen = dict(frozen)
+
+        def one(values, xi):  # logits [C] of one image under its own parameter values
+            out = functional_call(view, {**frozen, **values}, (xi.unsqueeze(0),), strict=False, tie_weights=True)
+            return logits_of(out)[0]
+        return one, images, None
+
+    def _vectorises(self, device: torch.device) -> bool:
+        return self.vectorized and (self.method == "vmap" or _vmap_pays_off(device))
+
+    def _refine_chunk(self, one, x: Tensor, base: Tensor, focus: Tensor, trainable, batched: bool) -> Tensor:
+        """Refined logits [k, C] of k rows: all at once (``method.refine_batched``), or one by one."""
+        if batched and self.method != "loop":
             try:
-                return self._refine_vmap(view, x, focus, trainable, frozen)
+                return method.refine_batched(one, trainable, focus, self.config, x)
             except Exception as err:  # noqa: BLE001 - any vmap limitation; a real bug re-raises in the loop
                 if self.method == "vmap":
                     raise
@@ -170,22 +227,9 @@ class FocusClassifier:
                 warnings.warn(f"FocusClassifier: torch.func.vmap cannot run {type(self.model).__name__} "
                               f"({type(err).__name__}: {str(err)[:200]}); using a per-sample loop from now on",
                               RuntimeWarning, stacklevel=4)
-        return self._refine_loop(view, x, base, trainable, frozen)
-
-    def _refine_loop(self, view: nn.Module, x: Tensor, base: Tensor, trainable, frozen) -> Tensor:
         rows = []
         for i in range(x.shape[0]):
-            image = method.as_normal_tensor(x[i:i + 1])  # slicing inside inference_mode makes an inference tensor
-            forward = method.model_forward(view, image, select=lambda out: logits_of(out)[0])
-            step = method.focus_step(forward, base[i], trainable, frozen, self.config)
+            xi = method.as_normal_tensor(x[i])  # slicing inside inference_mode makes an inference tensor
+            step = method.focus_step(lambda values, xi=xi: one(values, xi), base[i], trainable, {}, self.config)
             rows.append(torch.full_like(base[i], float("nan")) if step.nonfinite else step.logits)  # nan: overflowed
         return torch.stack(rows)
-
-    def _refine_vmap(self, view: nn.Module, x: Tensor, focus: Tensor, trainable, frozen) -> Tensor:
-        frozen = dict(frozen)
-
-        def one(params, xi):  # logits [C] of one image under its own parameter values
-            out = functional_call(view, {**frozen, **params}, (xi.unsqueeze(0),), strict=False, tie_weights=True)
-            return logits_of(out)[0]
-
-        return method.refine_batched(one, trainable, focus, self.config, x)
