@@ -11,6 +11,7 @@ MODES = ("ifo", "dofo", "entropy")  # the losses of method.LOSSES
 MODE_LABELS = {"ifo": "iFo (raise focus logits)", "dofo": "doFo (lower other logits)",
                "entropy": "entropy minimisation (baseline)"}
 STEP_RULES = ("fixed", "normalized")
+PRECISIONS = ("float32", "model")  # how a float16/bfloat16 model's step is taken (method.precision)
 # Algorithm 1 of the method (its vision defaults); the method has none for entropy: iFo's, the smaller one.
 DEFAULT_LR = {"ifo": 1.6e-5, "dofo": 2.56e-4, "entropy": 1.6e-5}
 DEFAULT_TAU = 1.0  # normalized rule: first-order decrease of the focus loss, in logit units
@@ -57,6 +58,12 @@ class FocusConfig:
             input, over the selected parameters, so the focus loss drops by tau to first order
             whatever the size of the gradient).
         tau: the normalized rule's target decrease (> 0); ``None`` = 1.0. Must be None under ``"fixed"``.
+        precision: how a float16/bfloat16 model takes the step. ``"float32"`` (default): the selected
+            parameters' update and the refined forward are computed in float32 (one float32 copy of the
+            selected parameters; the change of the logits is added to the model's own logits), so the step
+            is the one asked for. ``"model"``: the update is rounded to the model's dtype, as plain SGD on
+            the model would be; most of a small step is then lost (the statistics say how much). Float32
+            and float64 models are not affected.
 
     Example:
         >>> from focus_decoding import FocusConfig
@@ -78,12 +85,15 @@ class FocusConfig:
     params: ParamsSelector = "all"
     step_rule: str = "fixed"
     tau: float | None = None
+    precision: str = "float32"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"FocusConfig.mode must be one of {MODES}, got {self.mode!r}")
         if self.step_rule not in STEP_RULES:
             raise ValueError(f"FocusConfig.step_rule must be one of {STEP_RULES}, got {self.step_rule!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"FocusConfig.precision must be one of {PRECISIONS}, got {self.precision!r}")
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 - frozen dataclass
         set_("n_focus", _integer(self.n_focus, "n_focus"))
         set_("steps", _integer(self.steps, "steps"))

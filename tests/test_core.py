@@ -358,7 +358,7 @@ def test_low_precision_step_end_to_end(dtype):
         lin.weight.copy_(_grid(gen, 5, 16))
         lin.bias.copy_(_grid(gen, 5))
     xs = _grid(gen, 4, 16).to(dtype)
-    cfg = FocusConfig(threshold=1.0, lr=0.3125)
+    cfg = FocusConfig(threshold=1.0, lr=0.3125, precision="model")  # in the model's dtype (float32: test_precision)
     trainable, frozen = split_parameters(lin, "all")
 
     def by_hand(x, focus):
@@ -396,7 +396,7 @@ def test_tiny_lr_in_bf16_warns_once(monkeypatch, recwarn):
     lin = nn.Linear(8, 4).to(torch.bfloat16)
     x = torch.ones(8, dtype=torch.bfloat16)
     trainable, frozen = split_parameters(lin, "all")
-    cfg = FocusConfig(threshold=1.0, lr=1e-12)
+    cfg = FocusConfig(threshold=1.0, lr=1e-12, precision="model")
     for _ in range(3):
         focus_step(model_forward(lin, x), lin(x).detach(), trainable, frozen, cfg)
     msgs = [w for w in recwarn.list if "changed no parameter" in str(w.message)]

@@ -13,6 +13,7 @@ from .params import (FINAL_NORM_NAMES, find_blocks, final_norm_names, last_block
 from .step import (StepResult, as_normal_tensor, batched_sgd_steps, focus_step, grad_enabled, refine, refine_batched,
                    refined_values, sgd_steps, sgd_update, sgd_update_, squared_norm, step_result, step_size,
                    warn_if_unchanged)
+from .precision import Float32View, float32_like, head_logits, merged, needs_float32
 from .views import Forward, as_view, input_device, is_view, last_logits_kwargs, model_forward, module_view
 
 __all__ = [
@@ -23,5 +24,6 @@ __all__ = [
     "StepResult", "as_normal_tensor", "batched_sgd_steps", "focus_step", "grad_enabled", "refine", "refine_batched",
     "refined_values", "sgd_steps", "sgd_update", "sgd_update_", "squared_norm", "step_result", "step_size",
     "warn_if_unchanged",
+    "Float32View", "float32_like", "head_logits", "merged", "needs_float32",
     "Forward", "as_view", "input_device", "is_view", "last_logits_kwargs", "model_forward", "module_view",
 ]

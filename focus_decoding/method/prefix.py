@@ -45,6 +45,7 @@ from torch.func import functional_call
 
 from ..config import FocusConfig
 from .params import find_blocks, final_norm_names, split_parameters
+from .precision import float32_like, head_logits
 from .step import as_normal_tensor
 from .views import Forward, as_view, module_view
 
@@ -151,7 +152,7 @@ class _Top(nn.Module):
             out = block(hidden, *args, **kwargs)
             hidden = out[0] if isinstance(out, tuple) else out  # transformers < 4.54 returns tuples
         # Norm and head are per-position: the last position alone gives the same logits.
-        logits = self.head(self.norm(hidden[:, -1:]))[0, -1]
+        logits = head_logits(self.head, self.norm(hidden[:, -1:]))[0, -1]
         if self.softcap:  # Gemma-2/3 cap their logits after the head (final_logit_softcapping)
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
@@ -229,7 +230,7 @@ def top_logits(model: nn.Module, n: int, like: Tensor) -> Callable[[Mapping[str,
 
     def logits(values: Mapping[str, Tensor], hidden: Tensor) -> Tensor:
         local = {k: values[c] for k, c in rename.items() if c in values}
-        return functional_call(top, local, (hidden, inputs), strict=False)
+        return functional_call(top, local, (float32_like(hidden, values), inputs), strict=False)
     return logits
 
 

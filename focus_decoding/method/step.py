@@ -18,6 +18,7 @@ from torch.func import grad, vmap
 from ..config import FocusConfig
 from .gate import focus_classes, gate, widen
 from .losses import focus_loss
+from .precision import Float32View, needs_float32
 from .views import Forward
 
 
@@ -82,16 +83,26 @@ def sgd_update(param: Tensor, grad: Tensor, lr: float | Tensor) -> Tensor:
 
 # ----------------------------------------------------------------------------- SGD on one input, or many
 def sgd_steps(loss_fn: Callable[[Mapping[str, Tensor]], Tensor], trainable: Mapping[str, Tensor],
-              frozen: Mapping[str, Tensor], config: FocusConfig) -> dict[str, Tensor]:
-    """Parameter values after ``config.steps`` plain SGD steps on ``loss_fn`` (no momentum, no decay)."""
-    current = dict(trainable)
+              frozen: Mapping[str, Tensor], config: FocusConfig, *,
+              intended: list[float] | None = None) -> dict[str, Tensor]:
+    """Parameter values after ``config.steps`` plain SGD steps on ``loss_fn`` (no momentum, no decay).
+
+    A low-precision selection under ``precision="float32"`` steps float32 copies (``method.precision``) and
+    ``loss_fn`` sees float32 values. ``intended`` (a list) receives each step's first-order loss decrease,
+    eta * ||g||^2, to hold against the decrease achieved.
+    """
+    wide = needs_float32(trainable, config)
+    current = {n: p.detach().float() if wide else p for n, p in trainable.items()}
     with grad_enabled():
         for _ in range(config.steps):
             leaves = {n: p.detach().requires_grad_(True) for n, p in current.items()}
-            loss = loss_fn({**frozen, **leaves})
+            loss = loss_fn(Float32View(leaves, frozen) if wide else {**frozen, **leaves})
             grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
             del loss
             lr = step_size(config, grads)
+            if intended is not None:
+                sq = squared_norm(grads)
+                intended.append(0.0 if sq is None else float(lr * sq))
             current = {n: p.detach() if g is None else sgd_update_(p.detach(), g, lr)
                        for (n, p), g in zip(current.items(), grads)}
     warn_if_unchanged(trainable, current)
@@ -99,17 +110,21 @@ def sgd_steps(loss_fn: Callable[[Mapping[str, Tensor]], Tensor], trainable: Mapp
 
 
 def batched_sgd_steps(loss_fn: Callable, trainable: Mapping[str, Tensor], config: FocusConfig,
-                      *inputs: Tensor) -> dict[str, Tensor]:
+                      *inputs: Tensor, intended: list[Tensor] | None = None) -> dict[str, Tensor]:
     """``sgd_steps`` for many inputs at once, each with its own parameters (``torch.func.vmap``).
 
     ``loss_fn(values, *row_inputs)`` is the scalar loss of one input; ``inputs`` are batched on
-    dimension 0. Returns per-input parameter values ``[B, ...]``.
+    dimension 0. Returns per-input parameter values ``[B, ...]``; ``intended`` receives each step's
+    per-input eta * ||g||^2 ``[B]``.
     """
     current, dims = {n: p.detach() for n, p in trainable.items()}, None  # shared until the first step
     with grad_enabled():
         for _ in range(config.steps):
             grads = vmap(grad(loss_fn), in_dims=(dims, *[0] * len(inputs)))(current, *inputs)
             lr = step_size(config, list(grads.values()), batched=True)
+            if intended is not None:
+                sq = squared_norm(list(grads.values()), batched=True)
+                intended.append(torch.zeros(len(inputs[0])) if sq is None else (lr * sq).detach().double().cpu())
             current = {n: sgd_update(p, grads[n], lr) for n, p in current.items()}
             dims = 0  # per-input parameter values from here on
     return current
@@ -117,32 +132,51 @@ def batched_sgd_steps(loss_fn: Callable, trainable: Mapping[str, Tensor], config
 
 def refined_values(forward: Forward, trainable: Mapping[str, Tensor], frozen: Mapping[str, Tensor],
                    focus: Tensor, config: FocusConfig) -> dict[str, Tensor]:
-    """The ``trainable`` values after ``config.steps`` SGD steps on the loss of ``forward``'s logits."""
+    """The ``trainable`` values after ``config.steps`` SGD steps on the loss of ``forward``'s logits
+    (float32 for a low-precision selection under ``precision="float32"``)."""
     focus = as_normal_tensor(focus)  # gather saves the index for backward
     loss_fn = lambda values: focus_loss(forward(values), focus, config.mode).sum()  # noqa: E731
     return sgd_steps(loss_fn, trainable, frozen, config)
 
 
 def refine(forward: Forward, trainable: Mapping[str, Tensor], frozen: Mapping[str, Tensor],
-           focus: Tensor, config: FocusConfig) -> Tensor:
-    """``config.steps`` SGD steps on ``trainable`` for the loss; return the refined logits."""
-    updated = refined_values(forward, trainable, frozen, focus, config)
+           focus: Tensor, config: FocusConfig, *, base: Tensor | None = None,
+           intended: list[float] | None = None) -> Tensor:
+    """``config.steps`` SGD steps on ``trainable`` for the loss; return the refined logits.
+
+    Under ``precision="float32"`` a low-precision model's refined logits are ``base`` (the model's own logits)
+    plus the change the step makes to the float32 logits (without ``base``: the float32 logits themselves).
+    """
+    focus = as_normal_tensor(focus)  # gather saves the index for backward
+    first: list[Tensor] = []
+
+    def loss_fn(values):
+        logits = forward(values)
+        if not first:
+            first.append(logits.detach())
+        return focus_loss(logits, focus, config.mode).sum()
+
+    updated = sgd_steps(loss_fn, trainable, frozen, config, intended=intended)
     with torch.no_grad():
-        return forward({**frozen, **updated})
+        if not needs_float32(trainable, config):
+            return forward({**frozen, **updated})
+        new = forward(Float32View(updated, frozen))
+        return new if base is None else widen(base).reshape(new.shape) + (new - first[0])
 
 
 def refine_batched(forward: Callable[..., Tensor], trainable: Mapping[str, Tensor], focus: Tensor,
-                   config: FocusConfig, *inputs: Tensor) -> Tensor:
+                   config: FocusConfig, *inputs: Tensor, intended: list[Tensor] | None = None) -> Tensor:
     """Refined logits [B, C] of B inputs at once, each with its own step (never a shared update).
 
     ``forward(values, *row_inputs)`` is the logits [C] of one input with the selected parameters at
     ``values`` (the frozen ones closed over); ``inputs`` and ``focus`` are batched on dimension 0.
+    ``intended`` receives each step's per-input first-order decrease [B].
     """
     def loss(values, *args):
         *row, row_focus = args
         return focus_loss(forward(values, *row), row_focus, config.mode)
 
-    current = batched_sgd_steps(loss, trainable, config, *inputs, as_normal_tensor(focus))
+    current = batched_sgd_steps(loss, trainable, config, *inputs, as_normal_tensor(focus), intended=intended)
     with torch.no_grad():
         return vmap(forward, in_dims=(0, *[0] * len(inputs)))(current, *inputs)
 
@@ -170,19 +204,27 @@ def warn_if_unchanged(before: Mapping[str, Tensor], after: Mapping[str, Tensor])
 class StepResult:
     """What one gated step did to one input."""
 
-    logits: Tensor  # logits to emit: refined, or the original ones
+    logits: Tensor  # logits to emit: refined (float32 for a float16/bfloat16 model), or the original ones
     uncertain: bool  # the gate fired
     refined: bool  # a finite refinement was emitted
     nonfinite: bool  # the refinement overflowed and the original logits were kept
     changed: bool  # the emitted argmax differs from the original argmax
+    intended: float = 0.0  # the loss decrease the step asked for (first order: sum of eta ||g||^2 over steps)
+    achieved: float = 0.0  # the loss decrease it made: loss(original logits) - loss(refined logits)
 
 
-def step_result(original: Tensor, new: Tensor) -> StepResult:
-    """The outcome of a refinement of an uncertain input: ``new`` logits, or ``original`` if they overflowed."""
+def step_result(original: Tensor, new: Tensor, focus: Tensor | None = None, mode: str | None = None,
+                intended: float = 0.0) -> StepResult:
+    """The outcome of a refinement of an uncertain input: ``new`` logits, or ``original`` if they overflowed.
+    With ``focus`` and ``mode``, the loss decrease it achieved is measured (against ``intended``)."""
     if not bool(torch.isfinite(new).all()):
         return StepResult(original, True, False, True, False)
-    new = new.reshape(original.shape).to(original.dtype)
-    return StepResult(new, True, True, False, bool(new.argmax() != original.argmax()))
+    achieved = 0.0
+    if focus is not None:
+        wide = widen(new).reshape(original.shape)
+        achieved = float(focus_loss(widen(original), focus, mode) - focus_loss(wide, focus, mode))
+    new = new.reshape(original.shape).to(widen(original).dtype)  # a bf16/fp16 model's change must not round away
+    return StepResult(new, True, True, False, bool(new.argmax() != original.argmax()), intended, achieved)
 
 
 def focus_step(forward: Forward, logits: Tensor, trainable: Mapping[str, Tensor],
@@ -191,4 +233,6 @@ def focus_step(forward: Forward, logits: Tensor, trainable: Mapping[str, Tensor]
     if not bool(gate(logits, config)):
         return StepResult(logits, False, False, False, False)
     focus = focus_classes(logits, config.n_focus)
-    return step_result(logits, refine(forward, trainable, frozen, focus, config))
+    intended: list[float] = []
+    new = refine(forward, trainable, frozen, focus, config, base=logits, intended=intended)
+    return step_result(logits, new, focus, config.mode, sum(intended))

@@ -24,6 +24,7 @@ from torch.func import functional_call
 from ..config import FocusConfig
 from . import prefix
 from .params import MLP_PARTS, find_blocks, final_norm_names
+from .precision import float32_like, head_logits, merged
 
 TAIL = "tail"  # the kept-state path of params="tail" (beside N, the top blocks of last:N)
 
@@ -102,10 +103,12 @@ def head_forward(view: nn.Module, name: str, n_classes: int,
     (canonical names) at ``values`` and the head's other parameters at ``frozen``."""
     head = view.get_submodule(name)
     cut = len(name) + 1
-    own = {k[cut:]: v for k, v in frozen.items() if k.startswith(name + ".")}
+    own = {k: v for k, v in frozen.items() if k.startswith(name + ".")}
 
     def forward(values: Mapping[str, Tensor], x: Tensor) -> Tensor:
-        local = {**own, **{k[cut:]: v for k, v in values.items() if k.startswith(name + ".")}}
+        both = merged(values, own)
+        local = {k[cut:]: both[k] for k in both if k.startswith(name + ".")}
+        x = float32_like(x, values)
         return functional_call(head, local, (x.unsqueeze(0),), strict=False, tie_weights=True).reshape(n_classes)
     return forward
 
@@ -151,11 +154,11 @@ def tail_logits(view: nn.Module, values: Mapping[str, Tensor], state: Tensor) ->
         local = {k[cut:]: v for k, v in values.items() if k.startswith(name + ".")}
         return functional_call(view.get_submodule(name), local, (x,), strict=False)
 
-    h = state.reshape(1, 1, -1)
+    h = float32_like(state, values).reshape(1, 1, -1)
     out = run(f"{last}.{mlp}", run(f"{last}.{pre}", h))
     if post is not None:
         out = run(f"{last}.{post}", out)
-    logits = view.get_output_embeddings()(run(norm, h + out))[0, -1]
+    logits = head_logits(view.get_output_embeddings(), run(norm, h + out))[0, -1]
     softcap = getattr(view.config, "final_logit_softcapping", None)
     return torch.tanh(logits / softcap) * softcap if softcap else logits
 
@@ -175,7 +178,8 @@ def linear_layers(head: nn.Module, trainable: Mapping[str, Tensor], prefix: str)
 
 
 def refine_linear_head(head: nn.Module, layers: Mapping[str, nn.Linear], trainable: Mapping[str, Tensor],
-                       prefix: str, x: Tensor, focus: Tensor, config) -> Tensor | None:
+                       prefix: str, x: Tensor, focus: Tensor, config,
+                       intended: list[Tensor] | None = None) -> Tensor | None:
     """Refined logits [B, C] of B inputs [B, ...] of a head whose selected parameters are Linear layers, each input
     with its own SGD steps, without a per-input copy of any weight.
 
@@ -235,6 +239,8 @@ def refine_linear_head(head: nn.Module, layers: Mapping[str, nn.Linear], trainab
                     eta = torch.where(sq > 0, config.tau / sq, torch.zeros_like(sq))
                 for name, (x_in, g) in pending.items():
                     updates[name].append((x_in, g, eta.to(g.dtype)))
+                if intended is not None:
+                    intended.append((eta * sq).detach().double().cpu())
         with torch.no_grad():
             seen.clear()
             return head(x).reshape(x.shape[0], -1)

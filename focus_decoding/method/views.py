@@ -114,8 +114,11 @@ def model_forward(model: nn.Module, *args, select: Callable[[object], Tensor] = 
     The call runs on ``model`` itself when it is a :func:`module_view`, else on a new view (eval mode)
     made here: adapters that build many forwards make one view and pass it.
     """
+    from .precision import float32_like
+
     view = as_view(model)
 
     def forward(values: Mapping[str, Tensor]) -> Tensor:
-        return select(functional_call(view, dict(values), args, kwargs, tie_weights=True, strict=False))
+        inputs = tuple(float32_like(a, values) if isinstance(a, Tensor) else a for a in args)
+        return select(functional_call(view, dict(values), inputs, kwargs, tie_weights=True, strict=False))
     return forward

@@ -18,6 +18,7 @@ from ..config import FocusConfig
 from ..method import prefix, tail
 
 STAT_FIELDS = ("checked", "uncertain", "refined", "changed", "nonfinite")
+DECREASE_FIELDS = ("intended", "achieved")
 
 
 @dataclass
@@ -27,6 +28,8 @@ class FocusStats:
     ``checked``: decoding positions gated; ``uncertain``: the gate fired; ``refined``: a finite
     refinement was emitted; ``changed``: its argmax differs from the unrefined one; ``nonfinite``:
     the refinement overflowed and the original scores were kept. Under beam search a row is a beam slot.
+    ``intended`` / ``achieved``: the loss decrease the steps asked for (first order) and the one they made,
+    summed over the row's refinements; ``decrease`` compares them (a step that did nothing shows there).
     """
 
     checked: list[int] = field(default_factory=list)
@@ -34,15 +37,24 @@ class FocusStats:
     refined: list[int] = field(default_factory=list)
     changed: list[int] = field(default_factory=list)
     nonfinite: list[int] = field(default_factory=list)
+    intended: list[float] = field(default_factory=list)
+    achieved: list[float] = field(default_factory=list)
 
     @property
     def totals(self) -> dict[str, int]:
         """Each count summed over rows."""
         return {name: sum(getattr(self, name)) for name in STAT_FIELDS}
 
+    @property
+    def decrease(self) -> dict[str, float]:
+        """The loss decrease intended and achieved over every refinement, and their ratio (nan without a step)."""
+        intended, achieved = sum(self.intended), sum(self.achieved)
+        return {"intended": intended, "achieved": achieved,
+                "ratio": achieved / intended if intended else float("nan")}
+
     def to_dict(self) -> dict[str, Any]:
-        """Per-row lists plus ``totals`` (JSON-able)."""
-        return {**asdict(self), "totals": self.totals}
+        """Per-row lists plus ``totals`` and ``decrease`` (JSON-able)."""
+        return {**asdict(self), "totals": self.totals, "decrease": self.decrease}
 
 
 class FocusLogitsProcessor(LogitsProcessor):
@@ -106,6 +118,7 @@ class FocusLogitsProcessor(LogitsProcessor):
         # selected once per processor: the parameter split is the same at every position
         self.trainable, self.frozen = method.split_parameters(self.view, self.config.params)
         self._counts: Tensor | None = None  # [5, rows] on the scores' device: STAT_FIELDS, no host sync per step
+        self._decrease: Tensor | None = None  # [2, rows]: DECREASE_FIELDS
         self._keep = method.last_logits_kwargs(model)
         self._mask_cache: Tensor | None = None
         # kept-state fast paths, set by text.ways_in: a HiddenRecorder (last:N, method.prefix) or a TailCapture (tail)
@@ -118,7 +131,7 @@ class FocusLogitsProcessor(LogitsProcessor):
         """What the processor did so far, per row (:class:`FocusStats`)."""
         if self._counts is None:
             return FocusStats()
-        return FocusStats(*(row.tolist() for row in self._counts))
+        return FocusStats(*(row.tolist() for row in self._counts), *(row.tolist() for row in self._decrease))
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         """Scores with every uncertain row replaced by its refined scores (same space as given).
@@ -143,6 +156,8 @@ class FocusLogitsProcessor(LogitsProcessor):
         for row, result in self._refine(todo.nonzero().flatten().tolist(), input_ids, mask, scores):
             for i, name in enumerate(STAT_FIELDS[1:], start=1):
                 counts[i, row] += int(getattr(result, name))
+            for i, name in enumerate(DECREASE_FIELDS):
+                self._decrease[i, row] += getattr(result, name)
             if result.refined:
                 new = result.logits
                 if self.scores_are_log_probs:
@@ -157,7 +172,7 @@ class FocusLogitsProcessor(LogitsProcessor):
         if self.tail is not None and self.tail.states is not None and self.tail.states.shape[0] == len(input_ids):
             states = self.tail.states[:, -1]  # this step's forward: each row's residual at its newest position
             yield from self._together(rows, states, scores, lambda values, state: tail.tail_logits(
-                self.view, {**self.frozen, **values}, state))
+                self.view, method.merged(values, self.frozen), state))
             return
         groups: dict[int, list[tuple[int, Tensor]]] = {}
         for row in rows:
@@ -174,22 +189,25 @@ class FocusLogitsProcessor(LogitsProcessor):
         for group in groups.values():  # rows whose contexts have one length share the mask and rotary embeddings
             logits = prefix.top_logits(self.view, self.recorder.n, group[0][1])
             yield from self._together([r for r, _ in group], torch.stack([h for _, h in group]), scores,
-                                      lambda values, hidden: logits({**self.frozen, **values}, hidden))
+                                      lambda values, hidden: logits(method.merged(values, self.frozen), hidden))
 
     def _together(self, rows: list[int], inputs: Tensor, scores: Tensor, one):
         """Refine ``rows`` (their kept ``inputs``, one per row) in chunks of ``max_batch``, each row its own step."""
         for start in range(0, len(rows), self.max_batch):
             chunk = rows[start:start + self.max_batch]
             x = inputs[start:start + self.max_batch] if len(inputs) == len(rows) else inputs[chunk]
-            if len(chunk) == 1:  # one row: the plain step (same numbers, no vmap overhead)
-                result = method.focus_step(lambda values, xi=x[0]: one(values, xi), scores[chunk[0]],
-                                           self.trainable, self.frozen, self.config)
-                yield chunk[0], result
+            # one row (no vmap overhead), or a low-precision model's float32 step: one row at a time
+            if len(chunk) == 1 or method.needs_float32(self.trainable, self.config):
+                for row, xi in zip(chunk, x):
+                    yield row, method.focus_step(lambda values, xi=xi: one(values, xi), scores[row],
+                                                 self.trainable, self.frozen, self.config)
                 continue
             focus = method.focus_classes(scores[chunk], self.config.n_focus)
-            new = method.refine_batched(one, self.trainable, focus, self.config, x)
+            intended: list[Tensor] = []
+            new = method.refine_batched(one, self.trainable, focus, self.config, x, intended=intended)
             for i, row in enumerate(chunk):
-                yield row, method.step_result(scores[row], new[i])
+                asked = float(sum(step[i] for step in intended))
+                yield row, method.step_result(scores[row], new[i], focus[i], self.config.mode, asked)
 
     def _kept_hidden(self, row: int, ids: Tensor) -> Tensor | None:
         """last:N: the states entering the top blocks for ``row``'s context (None: run the full model)."""
@@ -203,9 +221,11 @@ class FocusLogitsProcessor(LogitsProcessor):
         """The device counters, with a column for every row being decoded."""
         if self._counts is None:
             self._counts = torch.zeros(len(STAT_FIELDS), rows, dtype=torch.long, device=device)
+            self._decrease = torch.zeros(len(DECREASE_FIELDS), rows, dtype=torch.float64)  # on the host: set there
         elif self._counts.shape[1] < rows:
-            extra = torch.zeros(len(STAT_FIELDS), rows - self._counts.shape[1], dtype=torch.long, device=device)
-            self._counts = torch.cat([self._counts, extra], dim=1)
+            more = rows - self._counts.shape[1]
+            self._counts = torch.cat([self._counts, self._counts.new_zeros(len(STAT_FIELDS), more)], dim=1)
+            self._decrease = torch.cat([self._decrease, self._decrease.new_zeros(len(DECREASE_FIELDS), more)], dim=1)
         return self._counts
 
     def _row_context(self, ids: Tensor, mask: Tensor | None) -> Tensor:

@@ -52,6 +52,8 @@ class ClassifierStats:
     changed: int = 0  # refined rows whose argmax changed
     nonfinite: int = 0  # uncertain rows whose refinement overflowed (original logits kept)
     nonfinite_inputs: int = 0  # images holding NaN/inf (never refined; warned once per classifier)
+    intended: float = 0.0  # the loss decrease the steps asked for (first order), summed over the refined rows
+    achieved: float = 0.0  # the loss decrease they made (see FocusStats.decrease)
     vectorized: bool = True  # the uncertain rows were refined together (False: one by one)
     head: bool = False  # the step ran through the head alone, from its kept inputs
 
@@ -136,7 +138,8 @@ class FocusClassifier:
         return self.classify(images)[1]
 
     def classify(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(unmodified logits, emitted logits, gate mask), all from one unmodified pass."""
+        """(unmodified logits, emitted logits, gate mask), all from one unmodified pass. A float16/bfloat16 model's
+        emitted logits are float32 (as transformers' generation scores are)."""
         if not isinstance(images, Tensor) or images.dim() < 1:
             raise ValueError(f"images must be a tensor [batch, ...], got {type(images).__name__}")
         images = method.as_normal_tensor(images)
@@ -156,7 +159,7 @@ class FocusClassifier:
                           "refined and may be NaN (counted in stats.nonfinite_inputs; warned once)",
                           RuntimeWarning, stacklevel=3)
         gate = method.gate(base, cfg)
-        out = base.clone()
+        out = method.widen(base).clone()  # float32 for a float16/bfloat16 model: a small change must not round away
         rows = gate.nonzero().flatten()
         stats = ClassifierStats(checked=base.shape[0], uncertain=int(rows.numel()), nonfinite_inputs=bad_inputs)
         if rows.numel():
@@ -164,16 +167,23 @@ class FocusClassifier:
             trainable, frozen = method.split_parameters(view, cfg.params)
             one, inputs, closed = self._row_forward(view, images, base, capture, trainable, frozen)
             stats.head = inputs is not images
+            together = not method.needs_float32(trainable, cfg)  # low precision in float32: one by one
             for start in range(0, rows.numel(), self.max_batch):
                 idx = rows[start:start + self.max_batch]
-                chunk = focus[start:start + self.max_batch]
-                new = closed(inputs[idx], chunk) if closed is not None and self.method != "loop" else None
+                chunk, asked = focus[start:start + self.max_batch], []
+                new = closed(inputs[idx], chunk, asked) if closed and together and self.method != "loop" else None
                 if new is None:
-                    new = self._refine_chunk(one, inputs[idx], base[idx], chunk, trainable,
-                                             batched=stats.head or self._vectorises(images.device))
+                    asked = []
+                    new = self._refine_chunk(one, inputs[idx], base[idx], chunk, trainable, asked,
+                                             batched=together and (stats.head or self._vectorises(images.device)))
                 ok = torch.isfinite(new).all(-1)
                 out[idx[ok]] = new[ok].to(out.dtype)
                 stats.nonfinite += int((~ok).sum())
+                if ok.any():  # the decrease asked for and made, on the rows whose refinement was emitted
+                    before = method.focus_loss(method.widen(base[idx[ok]]), chunk[ok], cfg.mode)
+                    after = method.focus_loss(method.widen(new[ok]), chunk[ok], cfg.mode)
+                    stats.achieved += float((before - after).sum())
+                    stats.intended += float(sum(step.to(torch.float64) for step in asked)[ok.cpu()].sum())
         stats.refined = stats.uncertain - stats.nonfinite
         stats.changed = int((out.argmax(-1) != base.argmax(-1)).sum())
         stats.vectorized = stats.head or (self.vectorized and self._vectorises(images.device))
@@ -199,8 +209,8 @@ class FocusClassifier:
             if name is not None:
                 self._head, head, prefix = name, view.get_submodule(name), name + "."
                 layers = tail.linear_layers(head, trainable, prefix)
-                closed = None if layers is None else (
-                    lambda x, focus: tail.refine_linear_head(head, layers, trainable, prefix, x, focus, self.config))
+                closed = None if layers is None else (lambda x, focus, asked: tail.refine_linear_head(
+                    head, layers, trainable, prefix, x, focus, self.config, intended=asked))
                 return tail.head_forward(view, name, base.shape[-1], frozen), kept, closed
             self._head = False
             warnings.warn(f"FocusClassifier: the step cannot run through {capture.names[-1]!r} alone ({why}); "
@@ -208,18 +218,22 @@ class FocusClassifier:
         frozen = dict(frozen)
 
         def one(values, xi):  # logits [C] of one image under its own parameter values
-            out = functional_call(view, {**frozen, **values}, (xi.unsqueeze(0),), strict=False, tie_weights=True)
+            xi = method.float32_like(xi, values)
+            out = functional_call(view, dict(method.merged(values, frozen)), (xi.unsqueeze(0),), strict=False,
+                                  tie_weights=True)
             return logits_of(out)[0]
         return one, images, None
 
     def _vectorises(self, device: torch.device) -> bool:
         return self.vectorized and (self.method == "vmap" or _vmap_pays_off(device))
 
-    def _refine_chunk(self, one, x: Tensor, base: Tensor, focus: Tensor, trainable, batched: bool) -> Tensor:
-        """Refined logits [k, C] of k rows: all at once (``method.refine_batched``), or one by one."""
+    def _refine_chunk(self, one, x: Tensor, base: Tensor, focus: Tensor, trainable, asked: list,
+                      batched: bool) -> Tensor:
+        """Refined logits [k, C] of k rows: all at once (``method.refine_batched``), or one by one; ``asked``
+        receives the rows' first-order decreases."""
         if batched and self.method != "loop":
             try:
-                return method.refine_batched(one, trainable, focus, self.config, x)
+                return method.refine_batched(one, trainable, focus, self.config, x, intended=asked)
             except Exception as err:  # noqa: BLE001 - any vmap limitation; a real bug re-raises in the loop
                 if self.method == "vmap":
                     raise
@@ -227,9 +241,11 @@ class FocusClassifier:
                 warnings.warn(f"FocusClassifier: torch.func.vmap cannot run {type(self.model).__name__} "
                               f"({type(err).__name__}: {str(err)[:200]}); using a per-sample loop from now on",
                               RuntimeWarning, stacklevel=4)
-        rows = []
+        rows, intended = [], []
         for i in range(x.shape[0]):
             xi = method.as_normal_tensor(x[i])  # slicing inside inference_mode makes an inference tensor
             step = method.focus_step(lambda values, xi=xi: one(values, xi), base[i], trainable, {}, self.config)
             rows.append(torch.full_like(base[i], float("nan")) if step.nonfinite else step.logits)  # nan: overflowed
+            intended.append(step.intended)
+        asked.append(torch.tensor(intended, dtype=torch.float64))
         return torch.stack(rows)

@@ -1,0 +1,138 @@
+"""Low-precision models take the step the config asks for (issue 16): float32 updates and forward, the model's
+own logits plus the step's change; ``precision="model"`` rounds the update to the model's dtype (and says so)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from focus_decoding import FocusConfig, method
+from focus_decoding.method import precision, tail
+
+LOW = [torch.bfloat16, torch.float16]
+
+
+def toy(seed: int = 0) -> nn.Module:
+    """Weights of order 1 (as a trained model's): a small step is far below bfloat16's resolution there."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(64, 256), nn.Tanh(), nn.Linear(256, 10))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.5)
+    return model.eval()
+
+
+def decrease(model: nn.Module, x: torch.Tensor, cfg: FocusConfig) -> tuple[float, float, method.StepResult]:
+    """(achieved, intended) loss decrease of one focus step on one input, and the result."""
+    dtype = next(model.parameters()).dtype
+    trainable, frozen = method.split_parameters(model, cfg.params)
+    with torch.no_grad():
+        base = model(x.to(dtype))
+    result = method.focus_step(method.model_forward(model, x.to(dtype)), base, trainable, frozen, cfg)
+    return result.achieved, result.intended, result
+
+
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("tau", [0.01, 0.1])
+def test_the_float32_step_achieves_the_intended_decrease(dtype, tau):
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(1))
+    cfg = FocusConfig(step_rule="normalized", tau=tau, threshold=1.0)
+    low = toy().to(dtype)
+    model = copy.deepcopy(low).float()  # the float32 model: the same (rounded) weights, widened
+    for xi in x:
+        want, intended, _ = decrease(model, xi, cfg)
+        assert intended == pytest.approx(tau) and want == pytest.approx(tau, rel=0.05)  # float32: the first order holds
+        got, _, _ = decrease(low, xi, cfg)
+        assert got == pytest.approx(want, rel=0.05)  # within 5 % of the float32 model on the same input
+        rounded, _, _ = decrease(low, xi, FocusConfig(step_rule="normalized", tau=tau, threshold=1.0,
+                                                      precision="model"))
+        if dtype == torch.bfloat16:
+            assert rounded < 0.9 * want  # what the model's own dtype keeps of it: the reason for float32
+    assert all(p.dtype == dtype for p in low.parameters())  # the model itself stays as it was
+
+
+@pytest.mark.parametrize("dtype", LOW)
+def test_a_zero_step_emits_the_models_own_logits(dtype):
+    low = toy().to(dtype)
+    x = torch.randn(64, generator=torch.Generator().manual_seed(2))
+    _, _, result = decrease(low, x, FocusConfig(lr=1e-30, threshold=1.0))
+    with torch.no_grad():
+        base = low(x.to(dtype))
+    assert result.refined and result.logits.dtype == torch.float32  # emitted wide: a small change stays
+    assert torch.equal(result.logits, base.float())
+
+
+@pytest.mark.parametrize("params", ["all", "last:2", "tail"])
+@pytest.mark.parametrize("dtype", LOW)
+def test_language_model_paths_in_low_precision(tiny_lm, params, dtype):
+    """Full model, cached top blocks and the tail take the float32 step on a low-precision model: the decrease of the
+    same weights in float32 (the model's rounded weights, widened), within 5 %."""
+    from focus_decoding.text.ways_in import focus_generate
+
+    low = tiny_lm("llama", layers=3).to(dtype)
+    same_in_float32 = copy.deepcopy(low).float()
+    prompt = torch.tensor([[3, 5, 7, 9, 11]])
+    cfg = FocusConfig(threshold=1.0, step_rule="normalized", tau=0.05, params=params)
+    stats = {}
+    for name, model in (("low", low), ("float32", same_in_float32)):
+        out = focus_generate(model, prompt, max_new_tokens=1, do_sample=False, pad_token_id=0, focus_config=cfg,
+                             return_dict_in_generate=True)
+        stats[name] = out.focus_stats
+    assert stats["low"].totals["refined"] == 1 and stats["low"].intended[0] == pytest.approx(0.05)
+    assert stats["low"].achieved[0] == pytest.approx(stats["float32"].achieved[0], rel=0.05)
+    assert all(p.dtype == dtype for p in low.parameters())
+
+
+def test_the_chunked_head_equals_the_widened_weight(monkeypatch):
+    monkeypatch.setattr(precision, "CHUNK_ROWS", 3)  # several chunks, the last one short
+    torch.manual_seed(0)
+    head = nn.Linear(6, 10).to(torch.bfloat16)
+    x = torch.randn(2, 6, requires_grad=True)
+    got = precision.head_logits(head, x)
+    want = nn.functional.linear(x.double(), head.weight.double(), head.bias.double())
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
+    (gx,) = torch.autograd.grad(got.sum(), x)
+    torch.testing.assert_close(gx.double(), head.weight.double().sum(0).expand(2, 6), rtol=1e-6, atol=1e-6)
+    assert head.weight.grad is None  # the frozen head gets no gradient
+
+
+def test_statistics_show_a_step_that_did_almost_nothing():
+    from focus_decoding.vision import FocusClassifier
+
+    low = toy().to(torch.bfloat16)
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    kept = FocusClassifier(low, FocusConfig(step_rule="normalized", tau=0.01, threshold=1.0, precision="model"))
+    kept(x)
+    assert kept.stats.intended == pytest.approx(0.04) and kept.stats.achieved < 0.5 * kept.stats.intended
+    full = FocusClassifier(low, FocusConfig(step_rule="normalized", tau=0.01, threshold=1.0))
+    full(x)
+    assert full.stats.achieved == pytest.approx(full.stats.intended, rel=0.05)
+
+
+@pytest.mark.default_model
+def test_the_embedded_model_in_bfloat16(default_model):
+    """SmolLM2-135M in bfloat16, last:2 and tau 1 at real uncertain tokens: float32 keeps the float32 model's decrease."""
+    from focus_decoding.evaluation import tokenize_stream
+
+    model32, tok = default_model
+    low = copy.deepcopy(model32).to(torch.bfloat16)
+    ids = tokenize_stream(tok, ["The quick brown fox jumps over the lazy dog because it"])[None]
+    cfg = FocusConfig(params="last:2", step_rule="normalized", tau=1.0, threshold=1.0)
+    ratios = {}
+    for name, model, config in (("float32", model32, cfg), ("bf16", low, cfg),
+                                ("bf16 in dtype", low, FocusConfig(**{**cfg.to_dict(), "precision": "model"}))):
+        view = method.module_view(model)
+        trainable, frozen = method.split_parameters(view, config.params)
+        with torch.no_grad():
+            out = view(ids, use_cache=False, output_hidden_states=True)
+        states = method.prefix.window_states(out, view, 2)
+        got = []
+        for t in (4, 7, 10):
+            fwd = method.prefix.top_forward(view, 2, states[:, :t + 1])
+            got.append(method.focus_step(fwd, out.logits[0, t], trainable, frozen, config).achieved)
+        ratios[name] = sum(got)
+    assert ratios["bf16"] == pytest.approx(ratios["float32"], rel=0.05)
+    assert ratios["bf16 in dtype"] < 0.9 * ratios["float32"]
+    assert tail.TAIL == "tail"
