@@ -53,7 +53,8 @@ test-latest: setup
 
 test-oldest: $(OLDEST)/.installed
 	OMP_NUM_THREADS=1 CI=$${CI:-1} $(OLDEST)/bin/python -m pytest -n 2 -q tests/test_config.py tests/test_core.py \
-		tests/test_generation.py tests/test_decoding.py tests/test_threads.py tests/test_prefix.py tests/test_harness.py
+		tests/test_generation.py tests/test_decoding.py tests/test_threads.py tests/test_prefix.py tests/test_harness.py \
+		tests/test_tail.py tests/test_precision.py tests/test_offload.py tests/test_layout.py
 
 test-floors: $(FLOORS:%=.venv-tf%/.installed)
 	for v in $(FLOORS); do OMP_NUM_THREADS=1 .venv-tf$$v/bin/python -m pytest -n 2 -q -m "not default_model" \

@@ -10,7 +10,7 @@ from transformers import GenerationConfig, LogitsProcessorList
 
 from focus_decoding import FocusConfig
 from focus_decoding import method
-from focus_decoding.text.ways_in import disable, enable, is_enabled, last_focus_stats
+from focus_decoding.text.ways_in import disable, enable, focus_generate, is_enabled, last_focus_stats
 from focus_decoding.text.processor import FocusLogitsProcessor, FocusStats
 from reference import naive_refine
 
@@ -461,3 +461,31 @@ def test_default_model_greedy(default_model, assert_untouched, monkeypatch):
         check()
     finally:
         disable(model)
+
+
+def test_a_step_where_nothing_is_uncertain_costs_one_host_sync(tiny_lm, monkeypatch):
+    """Counting every device->host read (.item, .tolist, .cpu, bool/int of a tensor): with a gate that never fires,
+    each decoding step of focused generation makes exactly one more than plain generate (the one bool that says
+    whether any row needs the step), whatever the batch size; the counts stay on the device until the end."""
+    model = tiny_lm("llama")
+    prompt = torch.tensor([[3, 5, 7, 9]] * 4)
+    calls = {"n": 0}
+    for name in ("item", "tolist", "cpu", "__bool__", "__int__", "__float__"):
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _real=real, **k):
+            calls["n"] += 1
+            return _real(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+
+    def syncs(**kw):
+        calls["n"] = 0
+        out = focus_generate(model, prompt, **kw) if kw.get("focus_config") else model.generate(prompt, **kw)
+        return calls["n"], out
+    extra = {}
+    for steps in (6, 12):
+        common = dict(max_new_tokens=steps, min_new_tokens=steps, do_sample=False, pad_token_id=0)
+        plain, _ = syncs(**common)
+        focused, _ = syncs(**common, focus_config=FocusConfig(threshold=1e-9))
+        extra[steps] = focused - plain
+    assert extra[12] - extra[6] == 6, extra  # six more steps: six more reads, one each

@@ -425,3 +425,38 @@ def test_generate_tied_head_selector_uses_uncached_path_with_one_warning(monkeyp
         warnings.simplefilter("error")
         unsupported.generate(torch.tensor([[3, 4, 5]]), **kwargs)  # warned once
     assert len(full) == 6
+
+
+@pytest.mark.parametrize("decoding", ["greedy", "beam"])
+def test_rows_of_one_length_refined_together_equal_one_at_a_time(decoding, monkeypatch):
+    from focus_decoding.text import processor
+    from focus_decoding.text.ways_in import focus_generate
+
+    model = tiny_lm64("llama", layers=4)
+    prompt = torch.tensor([[3, 4, 5, 6, 7], [9, 8, 7, 6, 5], [4, 4, 6, 6, 8]])  # one length: one group per step
+    config = FocusConfig(threshold=1.0, lr=0.5, params="last:2")
+    kw = {"greedy": dict(do_sample=False), "beam": dict(num_beams=2, do_sample=False)}[decoding]
+    batched_calls = _spy_batched(monkeypatch)
+
+    def generate():
+        return focus_generate(model, prompt, max_new_tokens=4, pad_token_id=0, focus_config=config,
+                              output_scores=True, return_dict_in_generate=True, **kw)
+    together = generate()
+    assert batched_calls  # the rows really went through one batched step
+    real = processor.FocusLogitsProcessor.__init__
+    monkeypatch.setattr(processor.FocusLogitsProcessor, "__init__",
+                        lambda self, *a, **k: real(self, *a, **{**k, "max_batch": 1}))
+    alone = generate()
+    assert torch.equal(together.sequences, alone.sequences)
+    for a, b in zip(together.scores, alone.scores):
+        assert_same_scores(a, b)
+
+
+def _spy_batched(monkeypatch):
+    calls, real = [], method.refine_batched
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(method, "refine_batched", spy)
+    return calls

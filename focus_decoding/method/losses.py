@@ -50,4 +50,4 @@ def focus_loss(logits: Tensor, focus: Tensor, mode: str) -> Tensor:
         loss = LOSSES[mode]
     except KeyError:
         raise ValueError(f"unknown FocusConfig.mode {mode!r}; allowed: {tuple(LOSSES)}") from None
-    return loss(widen(logits), focus)
+    return loss(widen(logits), focus.to(logits.device))  # a model split over devices: logits on the head's

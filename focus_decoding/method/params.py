@@ -23,6 +23,7 @@ from typing import Any, Iterable
 from torch import Tensor, nn
 
 from ..config import SELECTOR_WORDS, normalise_params
+from .offload import materialize
 
 FINAL_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "norm_f", "final_norm")
 HEAD_NAMES = ("fc", "classifier", "head", "heads")  # torchvision's and ccexam's names for a classifier's head
@@ -146,7 +147,7 @@ def split_parameters(model: nn.Module, selector) -> tuple[dict[str, Tensor], dic
                     else list(selector))
         chosen = _matched(model, canonical, patterns, check=not word)
     params = dict(model.named_parameters())
-    trainable = {n: params[n] for n in params if n in chosen}
+    trainable = materialize(model, {n: params[n] for n in params if n in chosen})  # offloaded: loaded, to update
     frozen = {n: params[n].detach() for n in params if n not in chosen}
     return trainable, frozen
 

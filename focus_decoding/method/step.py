@@ -41,7 +41,9 @@ def as_normal_tensor(t: Tensor) -> Tensor:
 def squared_norm(grads: Sequence[Tensor | None], batched: bool = False) -> Tensor | None:
     """||g||^2 over the selected tensors (each once); per input when ``batched`` (dimension 0); None if no gradient."""
     terms = [widen(g).pow(2).flatten(1).sum(1) if batched else widen(g).pow(2).sum() for g in grads if g is not None]
-    return sum(terms) if terms else None
+    if not terms:
+        return None
+    return sum(t.to(terms[0].device) for t in terms)  # a model split over devices: one sum, on one device
 
 
 def step_size(config: FocusConfig, grads: Sequence[Tensor | None], batched: bool = False) -> float | Tensor:
@@ -62,7 +64,7 @@ def step_size(config: FocusConfig, grads: Sequence[Tensor | None], batched: bool
 
 def _per_row(lr: float | Tensor, like: Tensor) -> float | Tensor:
     """A per-input eta [B] shaped to broadcast over a per-input gradient [B, ...]."""
-    return lr.reshape(-1, *[1] * (like.dim() - 1)) if isinstance(lr, Tensor) else lr
+    return lr.to(like.device).reshape(-1, *[1] * (like.dim() - 1)) if isinstance(lr, Tensor) else lr
 
 
 def sgd_update_(param: Tensor, grad: Tensor, lr: float | Tensor) -> Tensor:
@@ -161,7 +163,7 @@ def refine(forward: Forward, trainable: Mapping[str, Tensor], frozen: Mapping[st
         if not needs_float32(trainable, config):
             return forward({**frozen, **updated})
         new = forward(Float32View(updated, frozen))
-        return new if base is None else widen(base).reshape(new.shape) + (new - first[0])
+        return new if base is None else widen(base).reshape(new.shape).to(new.device) + (new - first[0])
 
 
 def refine_batched(forward: Callable[..., Tensor], trainable: Mapping[str, Tensor], focus: Tensor,
@@ -221,9 +223,10 @@ def step_result(original: Tensor, new: Tensor, focus: Tensor | None = None, mode
         return StepResult(original, True, False, True, False)
     achieved = 0.0
     if focus is not None:
-        wide = widen(new).reshape(original.shape)
+        wide = widen(new).reshape(original.shape).to(original.device)
         achieved = float(focus_loss(widen(original), focus, mode) - focus_loss(wide, focus, mode))
-    new = new.reshape(original.shape).to(widen(original).dtype)  # a bf16/fp16 model's change must not round away
+    # a bf16/fp16 model's change must not round away; a split model's logits come back where the scores are
+    new = new.reshape(original.shape).to(device=original.device, dtype=widen(original).dtype)
     return StepResult(new, True, True, False, bool(new.argmax() != original.argmax()), intended, achieved)
 
 

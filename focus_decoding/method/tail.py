@@ -206,6 +206,8 @@ def refine_linear_head(head: nn.Module, layers: Mapping[str, nn.Linear], trainab
             if x_new.dim() != 2:
                 raise _NotLinear
             use_w, use_b = kinds[name]
+            if torch.is_grad_enabled() and not out.requires_grad:  # a weight that asks for no gradient (offloaded)
+                out = out.detach().requires_grad_(True)
             for x_old, delta, eta in updates[name]:
                 dot = (x_old * x_new).sum(1, keepdim=True) if use_w else 0.0
                 out = out - eta[:, None] * delta * (dot + (1.0 if use_b else 0.0))

@@ -18,6 +18,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from .offload import prepare_view
+
 Forward = Callable[[Mapping[str, Tensor]], Tensor]  # parameter values -> logits of ONE input
 
 _VIEWS: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
@@ -52,6 +54,7 @@ def module_view(model: nn.Module, *, eval_mode: bool = True) -> nn.Module:
     view = clone(model)
     if eval_mode:
         view.eval()
+    prepare_view(view)  # an accelerate-offloaded model: the view loads its own weights (method.offload)
     _VIEWS.add(view)
     return view
 
