@@ -18,6 +18,8 @@ os.environ["XDG_CACHE_HOME"] = _CACHE  # the trained digits CNN, benchmark asset
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from focus_decoding.evaluation.group import Group  # noqa: E402
+
 from focus_decoding.resources.models import tiny_causal_lm
 
 
@@ -108,3 +110,43 @@ def assert_untouched():
             assert all(p.grad is None for p in model.parameters()), "a .grad was left on the model"
         return check
     return take
+
+
+class ThreadGroup(Group):
+    """``world`` processes simulated by threads (a ``focus_decoding.evaluation.group.Group`` for tests):
+    ``gather`` meets every thread at a barrier, as ``torch.distributed.all_gather_object`` meets processes."""
+
+    def __init__(self, rank: int, shared: dict):
+        self.rank, self.world, self._shared = rank, shared["world"], shared
+
+    def gather(self, obj):
+        slots, barrier = self._shared["slots"], self._shared["barrier"]
+        slots[self.rank] = obj
+        barrier.wait()
+        out = list(slots)
+        barrier.wait()  # nobody writes the next round's object before everyone read this one
+        return out
+
+
+def run_as_processes(world: int, job):
+    """``job(group)`` in ``world`` threads, each with its own rank of one simulated group; the results by rank."""
+    import threading
+
+    shared = {"world": world, "slots": [None] * world, "barrier": threading.Barrier(world)}
+    groups = [ThreadGroup(rank, shared) for rank in range(world)]
+    results, errors = [None] * world, []
+
+    def run(rank):
+        try:
+            results[rank] = job(groups[rank])
+        except BaseException as err:  # noqa: BLE001 - surfaced below
+            errors.append(err)
+            shared["barrier"].abort()
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results

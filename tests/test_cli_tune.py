@@ -158,3 +158,52 @@ def test_the_chosen_config_travels_with_save_pretrained_into_generate(tmp_path, 
     assert out.focus_stats.totals["refined"] == 4  # threshold 1.0: every step refined, so focus was on
     assert torch.equal(out.sequences, expected.sequences)
     assert out.focus_stats.totals == expected.focus_stats.totals
+
+
+def launch(*args, processes=2, wait=True):
+    """``accelerate launch`` of the command line on CPU processes (torchrun under --multi_gpu: gloo on CPU)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", str(processes),
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+           str(port), "-m", "focus_decoding.cli", *args, "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if not wait:
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_tune_over_two_processes_equals_one_and_resumes_with_two(tmp_path, corpus):
+    import os
+    import signal
+    import time
+
+    args = lambda out, *extra: [*tune_args(corpus, out, "--exhaustive", "--test-max-uncertain", "48"), *extra]  # noqa: E731
+    assert cli.main(args(tmp_path / "one")) == 0
+    two = launch(*args(tmp_path / "two"))
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert stable(tmp_path / "two") == stable(tmp_path / "one")  # the decisions of one process, token by token
+    assert json.loads((tmp_path / "two" / "tune.json").read_text())["meta"]["processes"] == 2
+    assert two.stdout.count("wrote ") == 1  # one process speaks and writes
+    # stopped part-way (SIGTERM, as a scheduler would), then --resume with two processes: the same results
+    job = launch(*args(tmp_path / "cut"), wait=False)
+    partial = tmp_path / "cut" / "partial.json"
+    deadline = time.monotonic() + 300
+    while not partial.exists() and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(job.pid, signal.SIGTERM)
+    job.communicate(timeout=120)
+    assert partial.exists() and not (tmp_path / "cut" / "tune.json").exists()  # stopped part-way (it takes seconds)
+    resumed = launch(*args(tmp_path / "cut", "--resume"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert stable(tmp_path / "cut") == stable(tmp_path / "one")
+    refused = launch(*args(tmp_path / "two"), processes=2)  # finished results are kept: the same run is complete
+    assert refused.returncode == 0 and "already complete" in refused.stdout

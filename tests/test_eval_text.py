@@ -15,6 +15,7 @@ from focus_decoding.evaluation import evaluate_next_token, tokenize_stream, wind
 from focus_decoding.text.refine import refine_position, refine_positions_batched
 from focus_decoding.resources.models import tiny_causal_lm
 from focus_decoding.evaluation.report import MAX_K, FocusReport
+from conftest import run_as_processes
 from reference import assert_exact, config_rate, naive_refine, tiny_lm64
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "Pack my box with five dozen liquor jugs!",
@@ -155,7 +156,15 @@ def test_window_bounds_score_every_token_once(n, length, stride):
     assert seen == list(range(1, n))
 
 
-def test_limits_and_resume_and_shard():
+def _two():
+    from focus_decoding.evaluation.group import Group
+
+    group = Group()
+    group.world = 2
+    return group
+
+
+def test_limits_and_resume_and_processes():
     model = tiny_causal_lm(layers=2)
     config = FocusConfig(threshold=gap_quantile_threshold(model, TEXTS, 12), lr=0.5)
     kwargs = dict(context_length=12, progress=False)
@@ -176,12 +185,16 @@ def test_limits_and_resume_and_shard():
     resumed = saved[k].merge(rest)
     assert (resumed.n_total, resumed.outcomes, resumed.topk_counts, resumed.topk_hits) == \
         (full.n_total, full.outcomes, full.topk_counts, full.topk_hits)
-    # two shards merged == one run (outcome order differs: compare counts)
-    parts = [evaluate_next_token(model, TOK, TEXTS, config, shard=(r, 2), **kwargs) for r in range(2)]
-    assert min(p.n_total for p in parts) > 0
-    merged = parts[0].merge(parts[1])
-    assert merged.n_total == full.n_total and sorted(merged.outcomes) == sorted(full.outcomes)
-    assert merged.topk_counts == full.topk_counts and merged.topk_hits == full.topk_hits
+    # two processes (threads here): every process ends with the single-process report, in stream order, and a
+    # budget cuts at the very token it cuts at alone (the processes agree on it every round)
+    for budget in (None, 5, 13):
+        alone = evaluate_next_token(model, TOK, TEXTS, config, max_uncertain=budget, **kwargs)
+        both = run_as_processes(2, lambda group: evaluate_next_token(model, TOK, TEXTS, config, max_uncertain=budget,
+                                                                     group=group, **kwargs))
+        for r in both:
+            assert (r.n_total, r.outcomes, r.topk_counts, r.topk_hits) == \
+                (alone.n_total, alone.outcomes, alone.topk_counts, alone.topk_hits), budget
+        assert both[0].meta["processes"] == 2 and len(both[0].meta["seconds_per_process"]) == 2
 
 
 def test_model_untouched_also_after_errors(monkeypatch):
@@ -252,7 +265,7 @@ def test_batched_positions_equal_one_by_one(arch, steps, params, rule):
     (dict(context_length=0), "context_length"), (dict(stride=0), "stride"), (dict(stride=200), "stride"),
     (dict(max_uncertain=0), "max_uncertain"), (dict(max_tokens=-1), "max_tokens"),
     (dict(batch_positions=0), "batch_positions"), (dict(start_window=-1), "start_window"),
-    (dict(shard=(2, 2)), "shard"), (dict(thresholds=[0.0]), "thresholds"),
+    (dict(group=(0, 2)), "group"), (dict(start_window=1, group=_two()), "multiple of the 2"), (dict(thresholds=[0.0]), "thresholds"),
 ])
 def test_bad_arguments_name_the_field(kwargs, field):
     model = tiny_causal_lm(layers=1)

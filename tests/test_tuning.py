@@ -204,3 +204,26 @@ def test_verdict_reads_the_test_report_alone(wr_co, co_wr, kind):
         assert v.line.startswith(f"helps: +{report.delta_acc:.1f} points on uncertain tokens (p = ")
     if kind != "helps":
         assert "leave it off" in v.line
+
+
+@pytest.mark.parametrize("exhaustive", [False, True])
+def test_two_processes_make_the_decisions_one_makes(exhaustive):
+    """tune with its windows split over two processes (threads here): the same outcomes, eliminations, choice,
+    test report and verdict as one process, on every process."""
+    from conftest import run_as_processes
+
+    tok = models.char_tokenizer()
+    model = models.tiny_causal_lm("llama", vocab_size=len(tok), layers=2)
+    texts = [("the quick brown fox jumps over the lazy dog " * 3)[i:] for i in range(8)]
+    grid = tuning.candidate_grid(params=["last:1", "all"], lrs=[1e-3, 30.0], taus=[1.0], threshold=0.5)
+    kwargs = dict(context_length=16, dev_max_uncertain=40, test_max_uncertain=30, exhaustive=exhaustive,
+                  rule=StopRule(first_look=4), min_test_tokens=1)
+    alone = tuning.tune(model, tok, texts, grid, **kwargs)
+    both = run_as_processes(2, lambda group: tuning.tune(model, tok, texts, grid, group=group, **kwargs))
+    for result in both:
+        race, one = result.race.race, alone.race.race
+        assert race.outcomes == one.outcomes and race.eliminated == one.eliminated
+        assert result.race.choice == alone.race.choice and result.verdict == alone.verdict
+        assert result.test.outcomes == alone.test.outcomes and result.test.n_total == alone.test.n_total
+        assert result.race.state.base.n_total == alone.race.state.base.n_total
+    assert any(e["reason"] for e in alone.race.race.eliminated) or exhaustive  # the race really dropped some

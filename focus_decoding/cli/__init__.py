@@ -63,8 +63,10 @@ def _run(argv: Sequence[str] | None, loading: threading.Event) -> int:
 
 
 def _error(command: str, message: str) -> None:
-    """One line on stderr, whatever the source message looks like."""
-    print(f"focus-decoding {command}: {' '.join(message.split())}".replace("  ", " "), file=sys.stderr)
+    """One line on stderr, whatever the source message looks like; under a launcher only the first process says it
+    (every process exits with the same status)."""
+    if int(os.environ.get("RANK", "0") or 0) == 0:
+        print(f"focus-decoding {command}: {' '.join(message.split())}".replace("  ", " "), file=sys.stderr)
 
 
 def _install_handlers(loading: threading.Event) -> dict:

@@ -112,12 +112,38 @@ def partial_state():
     return PartialState(cpu=cpu)
 
 
-def process_group() -> tuple[int, int]:
-    """(rank, world size) from accelerate when launched with several processes, else (0, 1)."""
+def process_group():
+    """The launched processes (``evaluation.group``): accelerate's process group when there are several, else one.
+    A launcher that was asked for several processes but started one is refused, saying why."""
+    from ..evaluation.group import Group, current_group
+
     if world_size() <= 1:
-        return 0, 1
-    state = partial_state()
-    return state.process_index, state.num_processes
+        asked = launcher_processes()
+        if asked > 1:
+            raise CliError(f"the launcher was asked for {asked} processes but started one: accelerate launch --cpu runs "
+                           "a single process whatever --num_processes says; for several CPU processes use accelerate "
+                           f"launch --multi_gpu --num_processes {asked} ... --device cpu (gloo), or torchrun "
+                           f"--nproc_per_node {asked} -m focus_decoding.cli ...")
+        return Group()
+    partial_state()  # initialises torch.distributed (gloo on CPU)
+    return current_group()
+
+
+def launcher_processes() -> int:
+    """--num_processes of an ``accelerate launch`` that started this process (Linux: its command line), else 1."""
+    try:
+        words = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return 1
+    if "launch" not in words or not any(w.endswith("accelerate") or "accelerate" in w for w in words[:3]):
+        return 1
+    for flag in ("--num_processes", "--num-processes"):
+        if flag in words[:-1]:
+            try:
+                return int(words[words.index(flag) + 1])
+            except ValueError:
+                return 1
+    return 1
 
 
 # ----------------------------------------------------------------------------- result files

@@ -1,9 +1,9 @@
-"""`focus-decoding eval-text`: next-token evaluation sharded across processes, resumable, never losing a result.
+"""`focus-decoding eval-text`: next-token evaluation over one or several processes, resumable, never losing a result.
 
 Order of a run: every argument and ``--out`` is checked, then the data source (a hub name offline
 fails in seconds), then the model is loaded and checked against the window settings; only then does
 the evaluation start. Each finished window is kept in ``partial.json`` with the run's fingerprint
-(model, data as a hash of the token stream, window settings, FocusConfig, shard), so ``--resume``
+(model, data as a hash of the token stream, window settings, FocusConfig, processes), so ``--resume``
 continues exactly the run that was interrupted and refuses any other; a finished ``eval_text.json``
 is never replaced silently (``cli.resumable``). Choosing a step on dev and judging it on test is
 ``tune``'s job (``--select-lr`` of earlier versions is refused, naming it).
@@ -37,22 +37,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, config: FocusConfig) -> int:
-    """Evaluate, sharded across accelerate processes; resumable; refuses to replace another run's results."""
+    """Evaluate, over the launched processes (the same report as one process); resumable; refuses to replace
+    another run's results."""
     _check_options(args)
-    rank, world = common.process_group()
-    run_ = open_text_run(args, RESULT, [config], rank=rank, world=world)
+    group = common.process_group()
+    rank, world = group.rank, group.world
+    run_ = open_text_run(args, RESULT, [config], group)
     job, texts, device, model, tokenizer = run_.job, run_.texts, run_.device, run_.model, run_.tokenizer
     out = job.out
     fp = run_fingerprint(args, config, tokenizer, texts, world) if out is not None else None
     try:
         state = job.begin(fp or {})
     except Finished as done:
-        print(f"already complete: {done}")
+        if rank == 0:
+            print(f"already complete: {done}")
         return 0
     meta = common.run_metadata(args.seed, device, model=args.model or common.DEFAULT_MODEL,
                                dataset=args.dataset or "bundled-sample", processes=world,
                                argv=sys.argv[1:] if rank == 0 else None, fingerprint=fp)
-    report = evaluate_texts(args, config, model, tokenizer, texts, job, state)
+    report = evaluate_texts(args, config, model, tokenizer, texts, job, state, group)
     if report is None:  # interrupted: the partial file says how far we got
         return 130
     if rank == 0:
@@ -97,54 +100,39 @@ def stream_digest(tokenizer, texts: list[str]) -> str:
     return hashlib.sha256(tokenize_stream(tokenizer, texts).numpy().tobytes()).hexdigest()[:16]
 
 
-def _split_budget(total: int | None, rank: int, world: int) -> int | None:
-    if not total:
-        return None
-    return total // world + (1 if rank < total % world else 0)
-
-
 def evaluate_texts(args: argparse.Namespace, config: FocusConfig, model, tokenizer, texts: list[str],
-                   job: ResumableRun, state: dict | None) -> FocusReport | None:
-    """One evaluation, sharded over processes, continuing ``state``; the merged report (None if interrupted)."""
+                   job: ResumableRun, state: dict | None, group) -> FocusReport | None:
+    """One evaluation over ``group``'s processes (every one ends with the whole report), continuing ``state``;
+    None if interrupted."""
     from ..evaluation.next_token import evaluate_next_token
 
-    rank, world = job.rank, job.world
-    max_uncertain = _split_budget(args.max_uncertain, rank, world)
-    max_tokens = _split_budget(args.max_tokens, rank, world)
     prior, start = _restore(job, state)
+    max_uncertain, max_tokens = args.max_uncertain or None, args.max_tokens
     if prior is not None:
-        print(f"[rank {rank}] resuming after window {start - 1} ({prior.n_uncertain} refinements done)", file=sys.stderr)
+        if group.rank == 0:
+            print(f"resuming after window {start - 1} ({prior.n_uncertain} refinements done)", file=sys.stderr)
         max_uncertain = None if max_uncertain is None else max_uncertain - prior.n_uncertain
         max_tokens = None if max_tokens is None else max_tokens - prior.n_total
-    elif args.resume:
+    elif args.resume and group.rank == 0:
         print(f"no partial results at {job.path}: starting from the first window", file=sys.stderr)
 
-    def on_window(index: int, so_far: FocusReport) -> None:  # every finished window on disk: Ctrl-C loses one
+    def on_window(index: int, so_far: FocusReport) -> None:  # every finished round on disk: Ctrl-C loses one
         report = prior.merge(so_far) if prior is not None else so_far
         job.save({"window": index, "config": config.to_dict(), "report": report.to_dict()})
 
     exhausted = (max_uncertain is not None and max_uncertain <= 0) or (max_tokens is not None and max_tokens <= 0)
     try:
         if exhausted:
-            report = prior
-        else:
-            report = evaluate_next_token(
-                model, tokenizer, texts, config, context_length=args.context_length, stride=args.stride,
-                max_uncertain=max_uncertain, max_tokens=max_tokens, batch_positions=args.batch_positions,
-                progress=not args.no_progress, name="eval-text", start_window=start, on_window=on_window,
-                shard=(rank, world) if world > 1 else None)
-            report = prior.merge(report) if prior is not None else report
+            return prior
+        report = evaluate_next_token(
+            model, tokenizer, texts, config, context_length=args.context_length, stride=args.stride,
+            max_uncertain=max_uncertain, max_tokens=max_tokens, batch_positions=args.batch_positions,
+            progress=not args.no_progress, name="eval-text", start_window=start, on_window=on_window, group=group)
     except KeyboardInterrupt:
         where = f"partial results in {job.path}; rerun with --resume" if job.path else "nothing saved (no --out)"
         print(f"\ninterrupted: {where}", file=sys.stderr)
         return None
-    if world > 1:
-        from accelerate.utils import gather_object
-        parts = gather_object([report.to_dict()])
-        report = FocusReport.from_dict(parts[0])
-        for part in parts[1:]:
-            report = report.merge(FocusReport.from_dict(part))
-    return report
+    return prior.merge(report) if prior is not None else report
 
 
 def _restore(job: ResumableRun, state: dict | None) -> tuple[FocusReport | None, int]:

@@ -1,9 +1,10 @@
 """Runs that survive Ctrl-C and never lose a result: partial files, fingerprints, and finished results kept.
 
 A long job (``eval-text``, ``tune``) writing into ``--out DIR`` keeps its progress in
-``DIR/partial.json`` (``partial.rankR.json`` per process) together with a *fingerprint*: everything
-that defines the run, keyed by the option a user would change. ``ResumableRun`` is the one helper
-both jobs use:
+``DIR/partial.json`` together with a *fingerprint*: everything that defines the run, keyed by the
+option a user would change (the number of processes included). Under several processes the state is
+the same on every one (``evaluation.group``): the first writes it, all read it. ``ResumableRun`` is the
+one helper both jobs use:
 
 - ``check()`` (before anything slow): unfinished partial files need ``--resume`` or ``--overwrite``;
 - ``begin(fingerprint)``: a finished result with the same fingerprint means the run is already
@@ -26,13 +27,14 @@ from . import common
 from .argtypes import positive_int
 from .common import CliError
 
-PARTIAL = "partial{suffix}.json"
+PARTIAL = "partial.json"
+OLD_PARTIALS = "partial.rank*.json"  # what 0.2 wrote per process
 SHOWN_CHARS = 160  # a refusal stays one readable line: long values are shown by their difference
 
 
-def partial_path(out: Path, rank: int = 0, world: int = 1) -> Path:
-    """This process's partial file in ``out``: ``partial.json``, or ``partial.rankR.json`` under several processes."""
-    return out / PARTIAL.format(suffix=f".rank{rank}" if world > 1 else "")
+def partial_path(out: Path) -> Path:
+    """The partial file in ``out``."""
+    return out / PARTIAL
 
 
 def config_fingerprint(config: FocusConfig) -> dict[str, Any]:
@@ -97,8 +99,8 @@ class ResumableRun:
 
     @property
     def path(self) -> Path | None:
-        """This process's partial file (None without ``--out``)."""
-        return None if self.out is None else partial_path(self.out, self.rank, self.world)
+        """The partial file (None without ``--out``)."""
+        return None if self.out is None else partial_path(self.out)
 
     def check(self) -> None:
         """Refuse, before anything is loaded, what can be refused without the fingerprint."""
@@ -108,16 +110,13 @@ class ResumableRun:
             raise CliError("--resume needs --out DIR (where the partial results were written)")
         if self.out is None or not self.out.is_dir():
             return
-        found = sorted(self.out.glob(PARTIAL.format(suffix="*")))
-        names = ", ".join(p.name for p in found)
-        if found and not self.resume and not self.overwrite:
-            raise CliError(f"{self.out} holds unfinished results ({names}); pass --resume to continue them, or "
+        old = sorted(self.out.glob(OLD_PARTIALS))
+        if old and not self.overwrite:
+            raise CliError(f"{self.out} holds {', '.join(p.name for p in old)}, unfinished results of an earlier version "
+                           "(one file per process) that this one cannot continue; pass --overwrite to start over")
+        if partial_path(self.out).exists() and not self.resume and not self.overwrite:
+            raise CliError(f"{self.out} holds unfinished results ({PARTIAL}); pass --resume to continue them, or "
                            "--overwrite to start over")
-        expected = {partial_path(self.out, r, self.world) for r in range(self.world)}
-        if self.resume and found and not set(found) <= expected:
-            raise CliError(f"--resume: {self.out} holds {names}, written by a run with a different number of "
-                           f"processes; this run has {self.world} (expects "
-                           f"{', '.join(sorted(p.name for p in expected))})")
 
     def begin(self, fingerprint: Mapping[str, Any]) -> dict[str, Any] | None:
         """The partial state to continue from (``--resume``), or None to start; ``Finished`` when already done."""
@@ -152,24 +151,22 @@ class ResumableRun:
         return state
 
     def save(self, state: Mapping[str, Any]) -> None:
-        """Keep ``state`` (with this run's fingerprint) in the partial file; nothing without ``--out``."""
-        if self.path is not None:
+        """Keep ``state`` (with this run's fingerprint) in the partial file; the first process writes, nothing without
+        ``--out``."""
+        if self.path is not None and self.rank == 0:
             save_json(self.path, {**state, "fingerprint": self.fingerprint})
 
     def discard(self) -> None:
-        """Remove this process's partial file (the main process also those of another process count)."""
-        if self.out is None or not self.out.is_dir():
+        """Remove the partial files (the first process; the others only read them)."""
+        if self.out is None or not self.out.is_dir() or self.rank:
             return
-        ours = {partial_path(self.out, r, self.world) for r in range(self.world)}
-        for p in self.out.glob(PARTIAL.format(suffix="*")):
-            if p == self.path or (self.rank == 0 and p not in ours):
-                p.unlink(missing_ok=True)
+        for p in (partial_path(self.out), *self.out.glob(OLD_PARTIALS)):
+            p.unlink(missing_ok=True)
 
     def finish(self) -> None:
-        """The results are written: the partial files of every process go."""
+        """The results are written: the partial file goes."""
         if self.out is not None and self.rank == 0:
-            for r in range(self.world):
-                partial_path(self.out, r, self.world).unlink(missing_ok=True)
+            partial_path(self.out).unlink(missing_ok=True)
 
 
 def _read(path: Path, what: str) -> dict[str, Any]:
@@ -200,20 +197,20 @@ class TextRun:
     """What a text job has once everything a user can get wrong was checked: files, data, model."""
 
     job: ResumableRun
+    group: Any  # evaluation.group.Group: the launched processes
     texts: list[str]
     device: Any
     model: Any
     tokenizer: Any
 
 
-def open_text_run(args: argparse.Namespace, result: str, configs: Sequence[FocusConfig], *, rank: int = 0,
-                  world: int = 1) -> TextRun:
+def open_text_run(args: argparse.Namespace, result: str, configs: Sequence[FocusConfig], group) -> TextRun:
     """Check ``--out`` and earlier results, load the texts, then the model, and check every config against it:
-    in that order, so a bad input costs seconds, never a model load."""
+    in that order, so a bad input costs seconds, never a model load. ``group``: the launched processes."""
     from ..resources.corpora import load_texts
 
     job = ResumableRun(common.check_out_dir(args.out), result, resume=args.resume, overwrite=args.overwrite,
-                       rank=rank, world=world)
+                       rank=group.rank, world=group.world)
     job.check()
     texts = load_texts(args.dataset, split=args.split, max_texts=args.max_texts)  # before the slow model load
     if not any(t.strip() for t in texts):
@@ -223,4 +220,4 @@ def open_text_run(args: argparse.Namespace, result: str, configs: Sequence[Focus
     model, tokenizer = common.load_model(args.model, device=device, seed=args.seed)
     for config in configs:
         common.check_model_fits(model, config, args.context_length, f"--context-length {args.context_length}")
-    return TextRun(job, texts, device, model, tokenizer)
+    return TextRun(job, group, texts, device, model, tokenizer)

@@ -66,7 +66,8 @@ def run(args: argparse.Namespace, config: FocusConfig) -> int:
 
     _check_options(args)
     candidates = grid_from_args(args, config)
-    run_ = open_text_run(args, RESULT, candidates)
+    group = common.process_group()
+    run_ = open_text_run(args, RESULT, candidates, group)
     job, texts, device, model, tokenizer = run_.job, run_.texts, run_.device, run_.model, run_.tokenizer
     out = job.out
     dev, test = split_dev_test(texts, dev_fraction=args.dev_fraction, seed=args.seed)
@@ -80,19 +81,22 @@ def run(args: argparse.Namespace, config: FocusConfig) -> int:
     try:
         state = job.begin(fp or {})
     except Finished as done:
-        print(f"already complete: {done}")
+        if group.rank == 0:
+            print(f"already complete: {done}")
         return 0
-    resume = _restore(job, state) if args.resume else None
-    print(f"tune: {len(candidates)} candidates, {len(dev)} dev / {len(test)} test texts, "
-          f"threshold {config.threshold:g}, n_focus {config.n_focus}")
-    saver = _Saver(job, progress=not args.no_progress)
+    resume = _restore(job, state, quiet=group.rank > 0) if args.resume else None
+    say = print if group.rank == 0 else (lambda *a, **k: None)  # one process speaks and writes
+    say(f"tune: {len(candidates)} candidates, {len(dev)} dev / {len(test)} test texts, "
+        f"threshold {config.threshold:g}, n_focus {config.n_focus}" + (f", {group.world} processes" if group.world > 1
+                                                                       else ""))
+    saver = _Saver(job, progress=not args.no_progress and group.rank == 0)
     try:
         result = tuning.tune(model, tokenizer, texts, candidates, dev_fraction=args.dev_fraction, seed=args.seed,
                              context_length=args.context_length, dev_max_uncertain=args.dev_max_uncertain or None,
                              test_max_uncertain=args.test_max_uncertain or None, alpha=args.alpha,
                              budget_ratio=args.budget_ratio, exhaustive=args.exhaustive, resume=resume,
-                             on_progress=saver, progress_bars=not args.no_progress,
-                             min_test_tokens=args.min_test_uncertain)
+                             on_progress=saver, progress_bars=not args.no_progress and group.rank == 0,
+                             min_test_tokens=args.min_test_uncertain, group=group)
     except KeyboardInterrupt:
         saver.close(save=True)
         where = ("nothing saved (no --out)" if job.path is None else "nothing saved yet (still counting dev tokens)"
@@ -100,16 +104,17 @@ def run(args: argparse.Namespace, config: FocusConfig) -> int:
         print(f"\ninterrupted: {where}", file=sys.stderr)
         return 130
     saver.close(save=False)
-    meta = common.run_metadata(args.seed, device, model=args.model or common.DEFAULT_MODEL,
+    meta = common.run_metadata(args.seed, device, model=args.model or common.DEFAULT_MODEL, processes=group.world,
                                dataset=args.dataset or "bundled-sample", argv=sys.argv[1:], fingerprint=fp)
-    _print(result)
-    if out is not None:
-        write_outputs(out, result, meta)
-        print(f"wrote {out / RESULT} (+ focus_config.json, tune.md, tune.png)")
-        job.finish()  # only now: a run that dies while writing can still be resumed
+    if group.rank == 0:
+        _print(result)
+        if out is not None:
+            write_outputs(out, result, meta)
+            print(f"wrote {out / RESULT} (+ focus_config.json, tune.md, tune.png)")
+            job.finish()  # only now: a run that dies while writing can still be resumed
     if result.verdict.kind == "not enough data":
         raise CliError(result.verdict.line)
-    print(result.verdict.line)
+    say(result.verdict.line)
     return 0
 
 
@@ -123,8 +128,6 @@ def _modes(text: str) -> list[str]:
 
 def _check_options(args: argparse.Namespace) -> None:
     """Combinations that cannot work, refused before anything is loaded."""
-    if common.world_size() > 1:
-        raise CliError("tune runs in one process (the race is sequential); launch it without accelerate/torchrun")
     if getattr(args, "preset", None) is not None:
         raise CliError("tune searches the step itself; --preset is for generate/eval-text (use --lrs or --taus)")
     if args.lrs is not None and getattr(args, "lr", None) is not None:
@@ -172,13 +175,14 @@ def run_fingerprint(args: argparse.Namespace, candidates: list[FocusConfig], tok
         "grid (--modes, --params, --lrs, --taus, --threshold, --n-focus, --steps)": [c.to_dict() for c in candidates],
         "--dev-max-uncertain": args.dev_max_uncertain, "--test-max-uncertain": args.test_max_uncertain,
         "--alpha": args.alpha, "--budget-ratio": args.budget_ratio, "--exhaustive": args.exhaustive,
-        "--min-test-uncertain": args.min_test_uncertain})
+        "--min-test-uncertain": args.min_test_uncertain, "processes": common.world_size()})
 
 
-def _restore(job: ResumableRun, state: dict | None) -> dict | None:
+def _restore(job: ResumableRun, state: dict | None, quiet: bool = False) -> dict | None:
     """The snapshot to resume from, validated: a partial file that does not hold one is named, never a traceback."""
+    say = (lambda *a, **k: None) if quiet else print
     if state is None:
-        print(f"no partial results at {job.path}: starting from the beginning", file=sys.stderr)
+        say(f"no partial results at {job.path}: starting from the beginning", file=sys.stderr)
         return None
     snapshot = state.get("resume")
     try:
@@ -190,8 +194,8 @@ def _restore(job: ResumableRun, state: dict | None) -> dict | None:
         raise CliError(f"--resume: {job.path} does not hold a valid tune state ({type(err).__name__}: "
                        f"{' '.join(str(err).split())[:120]}); remove it to start over") from err
     race = race_state.race
-    print(f"resuming: {race.n_seen} of {race.n_tokens} dev tokens raced"
-          + (", test under way" if snapshot.get("test") else ""), file=sys.stderr)
+    say(f"resuming: {race.n_seen} of {race.n_tokens} dev tokens raced"
+        + (", test under way" if snapshot.get("test") else ""), file=sys.stderr)
     return snapshot
 
 

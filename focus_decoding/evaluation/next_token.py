@@ -31,6 +31,7 @@ from ..config import FocusConfig
 from ..method import tail
 from ..text.refine import refine_position, refine_positions_batched
 from .report import MAX_K, TOPK_THRESHOLDS, FocusReport
+from .group import Group
 from .windows import scan, tokenize_stream, window_bounds
 
 OnWindow = Callable[[int, FocusReport], None]
@@ -41,53 +42,76 @@ def evaluate_next_token(model: nn.Module, tokenizer, texts: Sequence[str], confi
                         max_tokens: int | None = None, batch_positions: int = 1,
                         thresholds: Sequence[float] = TOPK_THRESHOLDS, progress: bool = True, name: str = "",
                         start_window: int = 0, on_window: OnWindow | None = None,
-                        shard: tuple[int, int] | None = None) -> FocusReport:
-    """Score every next token of ``texts``; refine the uncertain ones one by one (or ``batch_positions`` at once)."""
+                        group: Group | None = None) -> FocusReport:
+    """Score every next token of ``texts``; refine the uncertain ones one by one (or ``batch_positions`` at once).
+
+    ``group`` (``evaluation.group``) splits the windows over processes, round by round: window ``r * world + rank``
+    in round ``r``. Each round every process learns what the others found, so ``max_uncertain`` and
+    ``max_tokens`` cut at the same token a single process would, and the returned report (the same on every
+    process) equals the single-process one, outcomes in stream order. ``start_window`` (a multiple of the world
+    size) continues a run whose earlier windows are elsewhere (budgets then count from here); every round,
+    ``on_window(w, report)`` receives the report of every window up to ``w``, on every process.
+    """
     config = FocusConfig.coerce(config)
+    group = group or Group()
     stride = context_length if stride is None else stride
-    _validate(context_length, stride, max_uncertain, max_tokens, batch_positions, start_window, shard, thresholds)
-    rank, world = shard or (0, 1)
+    _validate(context_length, stride, max_uncertain, max_tokens, batch_positions, start_window, group, thresholds)
     stream = tokenize_stream(tokenizer, texts).to(method.input_device(model))
     if stream.numel() < 2:
         raise ValueError("texts must give at least 2 tokens to score a next-token prediction")
     bounds = window_bounds(stream.numel(), context_length, stride)
-    mine = [w for w in range(len(bounds)) if w >= start_window and w % world == rank]
-    report = FocusReport(name=name, topk_thresholds=list(thresholds), topk_counts=[0] * len(thresholds),
-                         topk_hits=[[0] * MAX_K for _ in thresholds], config=config.to_dict())
-    report.meta.update(model=_model_name(model), dataset=name, context_length=context_length, stride=stride,
-                       batch_positions=batch_positions, shard=[rank, world], start_window=start_window)
+    blank = lambda: FocusReport(name=name, topk_thresholds=list(thresholds), topk_counts=[0] * len(thresholds),  # noqa: E731
+                                topk_hits=[[0] * MAX_K for _ in thresholds], config=config.to_dict())
+    report = blank()  # every process's windows so far, in stream order (the same on every process)
     trainable, frozen = method.split_parameters(model, config.params)
     n_top = tail.shortcut(model, config, warn=True)  # last:N / tail: refine from kept states
     if batch_positions > 1:
         n_top = None  # the batched (vmap) path runs the full model
     t0, refine_s = time.perf_counter(), 0.0
     view = method.module_view(model)  # eval mode, private: other threads may use the model meanwhile
-    bar = _bar(scan(view, stream, bounds, config, windows=mine, depths=lambda: [n_top]), len(mine), progress, name)
+    rounds = range(start_window // group.world, -(-len(bounds) // group.world))
+    bar = _bar(rounds, len(rounds), progress and group.rank == 0, name)
     # Refinements dominate the time: with a budget, a second bar counts them (ETA per refinement).
-    refined_bar = _NoBar() if not progress or max_uncertain is None else _refinement_bar(max_uncertain)
-    for win in bar:
-        w, labels = win.index, win.labels
-        n = _cut(labels.numel(), win.uncertain, report, max_uncertain, max_tokens)
-        report.add_predictions(win.scored[:n], labels[:n], method.top2_gap(win.scored[:n]))
-        positions = (win.first + torch.nonzero(win.uncertain[:n]).flatten()).tolist()
-        r0 = time.perf_counter()
-        base, focus, nonfinite = _refine_window(view, win.ids, win.logits, positions, trainable, frozen, config,
-                                                batch_positions, win.kept(n_top), tick=refined_bar.update)
-        refine_s += time.perf_counter() - r0
-        report.nonfinite += nonfinite
-        report.add_outcomes(stream[win.start + 1 + torch.tensor(positions, dtype=torch.long)].cpu(), base, focus)
+    refined_bar = _NoBar() if not progress or max_uncertain is None or group.rank else _refinement_bar(max_uncertain)
+    for r in bar:
+        w = r * group.world + group.rank
+        win = next(scan(view, stream, bounds, config, windows=[w], depths=lambda: [n_top])) if w < len(bounds) else None
+        seen = group.gather(None if win is None else (win.labels.numel(), win.uncertain.tolist()))
+        cuts, stop = _round(seen, report, max_uncertain, max_tokens)
+        part = None
+        if win is not None:
+            n, part = cuts[group.rank], blank()
+            part.add_predictions(win.scored[:n], win.labels[:n], method.top2_gap(win.scored[:n]))
+            positions = (win.first + torch.nonzero(win.uncertain[:n]).flatten()).tolist()
+            r0 = time.perf_counter()
+            base, focus, nonfinite = _refine_window(view, win.ids, win.logits, positions, trainable, frozen, config,
+                                                    batch_positions, win.kept(n_top), tick=refined_bar.update)
+            refine_s += time.perf_counter() - r0
+            part.nonfinite = nonfinite
+            part.add_outcomes(stream[win.start + 1 + torch.tensor(positions, dtype=torch.long)].cpu(), base, focus)
+            part.meta = {"seconds": time.perf_counter() - t0, "refine_seconds": refine_s}
+        for other in group.gather(part):  # in rank order: stream order
+            if other is not None:
+                report = report.merge(other)
+        last = min(len(bounds), (r + 1) * group.world) - 1
         report.seconds = time.perf_counter() - t0
-        report.meta.update(last_window=w, windows_done=report.meta.get("windows_done", 0) + 1)
+        report.meta.update(last_window=last, windows_done=report.meta.get("windows_done", 0) + 1)
         _finish_meta(report, refine_s)
         if hasattr(bar, "set_postfix"):
             bar.set_postfix(uncertain=report.n_uncertain, delta_corr=report.delta_corr)
         if on_window is not None:
-            on_window(w, report)
-        if n < labels.numel() or _limit_hit(report, max_uncertain, max_tokens):
+            on_window(last, report)
+        if stop:
             break
     refined_bar.close()
-    report.seconds = time.perf_counter() - t0
-    _finish_meta(report, refine_s)
+    everyone = group.gather((time.perf_counter() - t0, refine_s))
+    report.name = name
+    report.seconds = max(s for s, _ in everyone)  # wall time: the slowest process
+    report.meta.update(model=_model_name(model), dataset=name, context_length=context_length, stride=stride,
+                       batch_positions=batch_positions, processes=group.world, start_window=start_window,
+                       seconds_per_process=[s for s, _ in everyone],
+                       refine_seconds_per_process=[s for _, s in everyone])
+    _finish_meta(report, sum(s for _, s in everyone))
     return report
 
 
@@ -111,22 +135,24 @@ def _refine_window(model, ids, logits, positions, trainable, frozen, config, k,
 
 
 # ----------------------------------------------------------------------------- helpers
-def _cut(n_scored: int, uncertain: Tensor, report: FocusReport, max_uncertain, max_tokens) -> int:
-    """How many of this window's scored positions fit under ``max_tokens`` / ``max_uncertain``."""
-    n = n_scored
-    if max_tokens is not None:
-        n = min(n, max_tokens - report.n_total)
-    if max_uncertain is not None:
-        left = max_uncertain - report.n_uncertain
-        idx = torch.nonzero(uncertain[:n]).flatten()
-        if idx.numel() >= left:
-            n = int(idx[left - 1]) + 1 if left > 0 else 0
-    return n
-
-
-def _limit_hit(report: FocusReport, max_uncertain, max_tokens) -> bool:
-    return (max_uncertain is not None and report.n_uncertain >= max_uncertain) or \
-        (max_tokens is not None and report.n_total >= max_tokens)
+def _round(seen: list, so_far: FocusReport, max_uncertain, max_tokens) -> tuple[list[int], bool]:
+    """One round's windows (per process, in stream order: (scored, uncertain flags) or None): how many scored
+    positions of each fit under the budgets after ``so_far``, and whether the evaluation stops after it."""
+    cuts, total, unc_total, short = [], so_far.n_total, so_far.n_uncertain, False
+    for item in seen:
+        if item is None:
+            cuts.append(0)
+            continue
+        count, unc = item
+        n = count if max_tokens is None else min(count, max(0, max_tokens - total))
+        if max_uncertain is not None:
+            left, idx = max_uncertain - unc_total, [i for i, u in enumerate(unc[:n]) if u]
+            if len(idx) >= left:
+                n = idx[left - 1] + 1 if left > 0 else 0
+        cuts.append(n)
+        total, unc_total, short = total + n, unc_total + sum(unc[:n]), short or n < count
+    spent = (max_uncertain is not None and unc_total >= max_uncertain) or (max_tokens is not None and total >= max_tokens)
+    return cuts, short or spent
 
 
 def _finish_meta(report: FocusReport, refine_s: float) -> None:
@@ -163,7 +189,7 @@ def _bar(windows, total: int, progress: bool, name: str):
     return tqdm(windows, total=total, desc=f"focus eval {name}".strip(), unit="window")
 
 
-def _validate(context_length, stride, max_uncertain, max_tokens, batch_positions, start_window, shard, thresholds):
+def _validate(context_length, stride, max_uncertain, max_tokens, batch_positions, start_window, group, thresholds):
     def positive(value, field, allow_none=False):
         if allow_none and value is None:
             return
@@ -179,10 +205,10 @@ def _validate(context_length, stride, max_uncertain, max_tokens, batch_positions
     positive(batch_positions, "batch_positions")
     if isinstance(start_window, bool) or not isinstance(start_window, int) or start_window < 0:
         raise ValueError(f"start_window must be an integer >= 0, got {start_window!r}")
-    if shard is not None:
-        if (not isinstance(shard, (tuple, list)) or len(shard) != 2
-                or not all(isinstance(x, int) and not isinstance(x, bool) for x in shard)
-                or not 0 <= shard[0] < shard[1]):
-            raise ValueError(f"shard must be (rank, world_size) with 0 <= rank < world_size, got {shard!r}")
+    if not isinstance(group, Group):
+        raise ValueError(f"group must be a focus_decoding.evaluation.group.Group, got {type(group).__name__}")
+    if start_window % group.world:
+        raise ValueError(f"start_window must be a multiple of the {group.world} processes (a round's first window), "
+                         f"got {start_window}")
     if not thresholds or not all(isinstance(t, (int, float)) and 0 < t <= 1 and math.isfinite(t) for t in thresholds):
         raise ValueError(f"thresholds must be a non-empty list of numbers in (0, 1], got {thresholds!r}")

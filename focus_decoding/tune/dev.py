@@ -16,6 +16,7 @@ import torch
 
 from .. import method
 from ..config import FocusConfig
+from ..evaluation.group import Group
 from ..evaluation.outcomes import outcome
 from ..evaluation.report import FocusReport
 from ..evaluation.windows import Window, scan, tokenize_stream, window_bounds
@@ -48,7 +49,7 @@ class RaceState:
     nonfinite: list[int]  # per candidate: refinements that overflowed
     seconds: list[float]  # per candidate: time spent refining (measured, not used for decisions)
     scored_upto: list[int] = field(default_factory=list)  # per uncertain token: dev predictions scored up to it
-    window: int = 0  # window in progress
+    window: int = 0  # round in progress (with one process: the window)
     done_in_window: int = 0  # its uncertain tokens already recorded
     started: bool = False  # its predictions already counted in ``base``
 
@@ -110,13 +111,16 @@ class Refiner:
 
 
 def count_uncertain(view, stream: torch.Tensor, bounds, config: FocusConfig, limit: int | None,
-                    on_window: Callable[[int], None] | None = None) -> int:
-    """How many uncertain tokens the dev pass will refine: min(limit, all of them). One forward per window."""
-    n = 0
-    for win in scan(view, stream, bounds, config):
-        n += int(win.uncertain.sum())
+                    on_window: Callable[[int], None] | None = None, group: Group | None = None) -> int:
+    """How many uncertain tokens the dev pass will refine: min(limit, all of them). One forward per window, the
+    windows split over ``group``'s processes round by round; every process gets the same number."""
+    group, n = group or Group(), 0
+    for r in range(-(-len(bounds) // group.world)):
+        w = r * group.world + group.rank
+        mine = int(next(scan(view, stream, bounds, config, windows=[w])).uncertain.sum()) if w < len(bounds) else 0
+        n += sum(group.gather(mine))
         if on_window is not None:
-            on_window(win.index)
+            on_window(min(len(bounds), (r + 1) * group.world) - 1)
         if limit is not None and n >= limit:
             return limit
     return n
@@ -125,10 +129,16 @@ def count_uncertain(view, stream: torch.Tensor, bounds, config: FocusConfig, lim
 def run_race(model, tokenizer, texts: Sequence[str], candidates: Sequence[FocusConfig | Mapping], *,
              context_length: int = 128, max_uncertain: int | None = None, rule: StopRule = StopRule(),
              budget_ratio: float = 2.0, exhaustive: bool = False, resume: Mapping[str, Any] | None = None,
-             on_progress: OnProgress | None = None) -> RaceResult:
-    """The dev race (or, ``exhaustive``, every candidate on every dev token); resumable from a snapshot."""
+             on_progress: OnProgress | None = None, group: Group | None = None) -> RaceResult:
+    """The dev race (or, ``exhaustive``, every candidate on every dev token); resumable from a snapshot.
+
+    With ``group`` (several processes) each round's windows are refined in parallel and the outcomes gathered
+    and recorded in stream order, so every process makes the decisions one process makes, token by token
+    (candidates dropped within a round still refine that round's later tokens: spent, never recorded).
+    """
     candidates = [FocusConfig.coerce(c) for c in candidates]
     check_candidates(candidates)
+    group = group or Group()
     stream = tokenize_stream(tokenizer, texts).to(method.input_device(model))
     if stream.numel() < 2:
         raise ValueError("the dev texts must give at least 2 tokens")
@@ -139,7 +149,7 @@ def run_race(model, tokenizer, texts: Sequence[str], candidates: Sequence[FocusC
         state = RaceState.from_dict(resume)
     else:
         n = count_uncertain(view, stream, bounds, candidates[0], max_uncertain,
-                            lambda w: notify(Progress("scan", w + 1, len(bounds))))
+                            lambda w: notify(Progress("scan", w + 1, len(bounds))), group)
         if n == 0:
             raise ValueError(f"the dev split has no uncertain token (top-1/top-2 gap < threshold "
                              f"{candidates[0].threshold:g}); use more text or a larger threshold")
@@ -148,53 +158,92 @@ def run_race(model, tokenizer, texts: Sequence[str], candidates: Sequence[FocusC
         state = RaceState(race, FocusReport(name="dev plain"), [0] * len(candidates), [0.0] * len(candidates))
         notify(Progress("race", 0, race.planned_total(), {"race": state.to_dict()}))  # the scan is not redone
     refiners = [Refiner(model, c) for c in candidates]
-    _race_windows(view, stream, bounds, refiners, state, notify)
+    _race_rounds(view, stream, bounds, refiners, state, notify, group)
     return _race_result(candidates, state, rule, budget_ratio, exhaustive)
 
 
-def _race_windows(view, stream, bounds, refiners: list[Refiner], state: RaceState, notify: OnProgress) -> None:
-    """The dev pass from ``state``'s position: one forward per window, every alive candidate on each uncertain token."""
+def _race_rounds(view, stream, bounds, refiners: list[Refiner], state: RaceState, notify: OnProgress,
+                 group: Group) -> None:
+    """The dev pass from ``state``'s round (with one process a round is a window): one forward per window, every
+    alive candidate on each uncertain token. One process records each token at once (Ctrl-C loses at most one);
+    several record a round's tokens together, in stream order, once every process refined its own."""
     race = state.race
     if race.finished:
         return
     depths = lambda: {refiners[i].n_top for i in race.alive}  # noqa: E731 - states only for cached candidates
-    for win in scan(view, stream, bounds, refiners[0].config, windows=range(state.window, len(bounds)), depths=depths):
-        labels = win.labels
-        todo = torch.nonzero(win.uncertain).flatten().tolist()
-        seen_before = race.n_seen - state.done_in_window  # uncertain tokens recorded in earlier windows
-        todo = todo[:race.n_tokens - seen_before]
-        ends_here = bool(todo) and seen_before + len(todo) == race.n_tokens
-        n_scored = todo[-1] + 1 if ends_here else labels.numel()  # the dev budget may end mid-window
-        if not state.started:
-            scored = win.scored[:n_scored]
-            state.base.add_predictions(scored, labels[:n_scored], method.top2_gap(scored))
+    for r in range(state.window, -(-len(bounds) // group.world)):
+        w = r * group.world + group.rank
+        win = next(scan(view, stream, bounds, refiners[0].config, windows=[w], depths=depths)) \
+            if w < len(bounds) else None
+        found = group.gather(None if win is None else (win.labels.numel(),
+                                                       torch.nonzero(win.uncertain).flatten().tolist()))
+        seen_before = race.n_seen - state.done_in_window  # uncertain tokens recorded in earlier rounds
+        plan, offset = [], seen_before  # per process: (its tokens in the budget, scored predictions counted)
+        for item in found:
+            if item is None or offset >= race.n_tokens:  # no window, or the dev budget ended before it
+                plan.append(([], 0))
+                continue
+            todo = item[1][:race.n_tokens - offset]
+            ends_here = bool(todo) and offset + len(todo) == race.n_tokens
+            plan.append((todo, todo[-1] + 1 if ends_here else item[0]))  # the budget may end mid-window
+            offset += len(todo)
+        todo, n_scored = plan[group.rank]
+        before = state.base.n_total + sum(n for _, n in plan[:group.rank]) - (n_scored if state.started else 0)
+        if not state.started:  # the plain model's counts of this round's predictions, from every process
+            part = FocusReport()
+            if win is not None:
+                scored = win.scored[:n_scored]
+                part.add_predictions(scored, win.labels[:n_scored], method.top2_gap(scored))
+            for other in group.gather(part):
+                state.base = state.base.merge(other)
             state.started = True
-        before = state.base.n_total - n_scored  # dev predictions scored before this window
-        for k in range(state.done_in_window, len(todo)):
-            _refine_token(view, win, win.first + todo[k], int(labels[todo[k]]), refiners, state)
-            state.scored_upto.append(before + todo[k] + 1)
-            state.done_in_window = k + 1
-            lead = race.leader()
-            notify(Progress("race", race.refinements, race.planned_total(), {"race": state.to_dict()},
-                            f"alive {len(race.alive)}, leader {refiners[lead].config.label} {race.score(lead):+d}"))
+        tokens = [(before + p + 1, win.first + p, int(win.labels[p])) for p in todo]
+        if group.world == 1:
+            for k in range(state.done_in_window, len(tokens)):
+                _record(race, state, [(tokens[k][0], _refine_token(view, win, *tokens[k][1:], refiners, state))])
+                state.done_in_window = k + 1
+                _notify(notify, state, refiners)
+        else:
+            alive = list(race.alive)  # this round's later tokens may outlive a candidate: refined, not recorded
+            mine = [(upto, _refine_token(view, win, t, label, refiners, state, alive)) for upto, t, label in tokens]
+            spent = group.gather((mine, state.seconds, state.nonfinite))
+            _record(race, state, [token for theirs, _, _ in spent for token in theirs])
+            state.seconds = [sum(s[1][i] for s in spent) for i in range(len(state.seconds))]
+            state.nonfinite = [sum(s[2][i] for s in spent) for i in range(len(state.nonfinite))]
         if race.finished:
             break
-        state.window, state.done_in_window, state.started = win.index + 1, 0, False
-        notify(Progress("race", race.refinements, race.planned_total(), {"race": state.to_dict()}))
+        state.window, state.done_in_window, state.started = r + 1, 0, False
+        _notify(notify, state, refiners)
 
 
-def _refine_token(view, win: Window, t: int, label_id: int, refiners: list[Refiner], state: RaceState) -> None:
-    """Every alive candidate refines the prediction at local position t; the race records the outcomes."""
-    race, base = state.race, int(win.logits[t].argmax())
-    codes = {}
-    for i in race.alive:
+def _refine_token(view, win: Window, t: int, label_id: int, refiners: list[Refiner], state: RaceState,
+                  alive: Sequence[int] | None = None) -> dict[int, str]:
+    """The outcome code of every alive candidate refining the prediction at local position t."""
+    base, codes = int(win.logits[t].argmax()), {}
+    for i in state.race.alive if alive is None else alive:
         r = refiners[i]
         t0 = time.perf_counter()
         res = refine_position(view, win.ids, win.logits[t], t, r.trainable, r.frozen, r.config, win.kept(r.n_top))
         state.seconds[i] += time.perf_counter() - t0
         state.nonfinite[i] += int(res.nonfinite)
         codes[i] = outcome(label_id, base, int(res.logits.argmax()))
-    race.record(codes)
+    return codes
+
+
+def _record(race: Race, state: RaceState, tokens: list[tuple[int, dict[int, str]]]) -> None:
+    """Record tokens in stream order: each one's codes of the candidates still alive when it comes."""
+    for upto, codes in tokens:
+        if race.finished:
+            break
+        race.record({i: codes[i] for i in race.alive})
+        state.scored_upto.append(upto)
+
+
+def _notify(notify: OnProgress, state: RaceState, refiners: list[Refiner]) -> None:
+    race = state.race
+    lead = race.leader()
+    notify(Progress("race", race.refinements, race.planned_total(), {"race": state.to_dict()},
+                    f"alive {len(race.alive)}, leader {refiners[lead].config.label} {race.score(lead):+d}"))
 
 
 def _race_result(candidates, state: RaceState, rule: StopRule, budget_ratio: float, exhaustive: bool) -> RaceResult:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from ..config import FocusConfig
+from ..evaluation.group import Group
 from ..evaluation.report import FocusReport
 from ..resources.corpora import split_dev_test
 from .dev import OnProgress, Progress, RaceResult, run_race
@@ -80,8 +81,11 @@ def tune(model, tokenizer, texts: Sequence[str], candidates: Sequence[FocusConfi
          test_max_uncertain: int | None = DEFAULT_TEST_MAX_UNCERTAIN, alpha: float = 0.05, rule: StopRule | None = None,
          budget_ratio: float = 2.0, exhaustive: bool = False, resume: Mapping[str, Any] | None = None,
          on_progress: OnProgress | None = None, progress_bars: bool = False,
-         min_test_tokens: int = MIN_TEST_TOKENS) -> TuneResult:
-    """Split, race on dev, evaluate the choice on test, judge; ``resume`` is a snapshot from ``on_progress``."""
+         min_test_tokens: int = MIN_TEST_TOKENS, group: Group | None = None) -> TuneResult:
+    """Split, race on dev, evaluate the choice on test, judge; ``resume`` is a snapshot from ``on_progress``.
+
+    ``group`` (``evaluation.group``, from ``accelerate launch`` / ``torchrun``) splits both passes over processes:
+    every process makes the decisions, and gets the result, that one process gets (``tune.dev``)."""
     t0 = time.perf_counter()
     dev, test = split_dev_test(list(texts), dev_fraction=dev_fraction, seed=seed)
     rule = rule or StopRule(alpha=alpha)
@@ -89,7 +93,7 @@ def tune(model, tokenizer, texts: Sequence[str], candidates: Sequence[FocusConfi
     resume = dict(resume or {})
     race = run_race(model, tokenizer, dev, candidates, context_length=context_length, max_uncertain=dev_max_uncertain,
                     rule=rule, budget_ratio=budget_ratio, exhaustive=exhaustive, resume=resume.get("race"),
-                    on_progress=notify)
+                    on_progress=notify, group=group)
     race_snapshot = race.state.to_dict()
     prior, start = None, 0
     if resume.get("test"):
@@ -104,7 +108,7 @@ def tune(model, tokenizer, texts: Sequence[str], candidates: Sequence[FocusConfi
     notify(Progress("test", prior.n_uncertain if prior else 0, total, start_snapshot))
     report = judge_on_test(model, tokenizer, test, race.chosen, context_length=context_length,
                            max_uncertain=test_max_uncertain, prior=prior, start_window=start, on_window=on_window,
-                           progress=progress_bars)
+                           progress=progress_bars, group=group)
     report.config = race.chosen.to_dict()
     report.meta.update(split="test", model=f"test {race.chosen.label}")
     return TuneResult(len(dev), len(test), race, report, verdict(report, alpha, min_test_tokens), alpha,

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from ..config import FocusConfig
+from ..evaluation.group import Group
 from ..evaluation.next_token import evaluate_next_token
 from ..evaluation.report import FocusReport
 
@@ -22,8 +23,9 @@ KINDS = ("helps", "harmful", "no significant gain", "not enough data")
 def judge_on_test(model, tokenizer, texts: Sequence[str], config: FocusConfig, *, context_length: int = 128,
                   max_uncertain: int | None = None, prior: FocusReport | None = None, start_window: int = 0,
                   on_window: Callable[[int, FocusReport], None] | None = None,
-                  progress: bool = False) -> FocusReport:
-    """``evaluate_next_token`` on the test split, continuing ``prior`` (windows before ``start_window``)."""
+                  progress: bool = False, group: Group | None = None) -> FocusReport:
+    """``evaluate_next_token`` on the test split (its windows over ``group``'s processes), continuing ``prior``
+    (windows before ``start_window``)."""
     left = None if max_uncertain is None else max_uncertain - (prior.n_uncertain if prior else 0)
     if prior is not None and left is not None and left <= 0:
         return prior
@@ -34,7 +36,7 @@ def judge_on_test(model, tokenizer, texts: Sequence[str], config: FocusConfig, *
 
     report = evaluate_next_token(model, tokenizer, texts, config, context_length=context_length,
                                  max_uncertain=left, progress=progress, name="test",
-                                 start_window=start_window, on_window=merged)
+                                 start_window=start_window, on_window=merged, group=group)
     return prior.merge(report) if prior is not None else report
 
 
