@@ -56,6 +56,12 @@ def one_line_error(argv, capsys, *needles, status=2, seconds=10.0):
 
 
 # ----------------------------------------------------------------------------- data
+def test_empty_model_folder_is_named(capsys, corpus, tmp_path):
+    """A folder without config.json is not a model: say so (not a tokenizer library's message)."""
+    one_line_error(["eval-text", "--model", str(tmp_path), "--dataset", corpus], capsys,
+                   "holds no config.json, so it is not a model folder", seconds=5)
+
+
 @pytest.mark.parametrize("offline", ["flag", "unreachable"])
 def test_hub_corpus_offline_fails_in_seconds_before_the_model_loads(offline, monkeypatch, no_hub, model_not_loaded,
                                                                    capsys):
@@ -91,7 +97,7 @@ def test_unusable_dataset_files(name, content, needle, tmp_path, model_not_loade
 # ----------------------------------------------------------------------------- model
 def test_missing_model_path(capsys, corpus):
     one_line_error(["eval-text", "--model", "/nonexistent", "--dataset", corpus], capsys,
-                   "--model: no such model file or folder: '/nonexistent'", "tiny-llama", seconds=5)
+                   "--model: no such file or folder: '/nonexistent'", "tiny-llama", seconds=5)
 
 
 @pytest.mark.parametrize("offline", ["flag", "unreachable"])
@@ -248,7 +254,7 @@ def test_eval_vision_checkpoint_that_is_not_one(tmp_path, capsys):
 
 
 def test_missing_gguf_file_is_not_taken_for_a_hub_id(no_hub, capsys):
-    one_line_error(["generate", "--model", "missing.gguf"], capsys, "no such model file or folder: 'missing.gguf'",
+    one_line_error(["generate", "--model", "missing.gguf"], capsys, "no such file or folder: 'missing.gguf'",
                    seconds=3)
 
 

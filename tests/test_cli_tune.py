@@ -101,7 +101,23 @@ def patch_refine(monkeypatch, fn) -> None:
         monkeypatch.setattr(module, "refine_position", fn)
 
 
-def test_resume_refuses_another_run_and_names_the_field(tmp_path, corpus, monkeypatch, capsys):
+@pytest.mark.parametrize("changed, named, before", [
+    (["--alpha", "0.1"], "--alpha", "0.05"),
+    (["--context-length", "24"], "--context-length", "32"),
+    (["--dev-fraction", "0.25"], "--dev-fraction", "0.5"),
+    (["--budget-ratio", "3"], "--budget-ratio", "2.0"),
+    (["--exhaustive"], "--exhaustive", "False"),
+    (["--dev-max-uncertain", "20"], "--dev-max-uncertain", "24"),
+    (["--test-max-uncertain", "12"], "--test-max-uncertain", "16"),
+    (["--lrs", "1e-3,10"], "grid (--modes, --params, --lrs", "30"),
+    (["--params", "last:1,all"], "grid (--modes, --params, --lrs", "last:2"),
+    (["--threshold", "0.25"], "grid (--modes, --params, --lrs", "0.3"),
+    (["--min-test-uncertain", "9"], "--min-test-uncertain", "8"),
+    (["--seed", "1"], "--seed", "0"),
+])
+def test_resume_refuses_another_run_and_names_the_field(changed, named, before, tmp_path, corpus, monkeypatch,
+                                                        capsys):
+    """Every field of the fingerprint guards the resume: change one option, the refusal names it and its old value."""
     real = eval_text.refine_position
 
     def ctrl_c(*args, **kwargs):
@@ -111,9 +127,9 @@ def test_resume_refuses_another_run_and_names_the_field(tmp_path, corpus, monkey
     assert cli.main(tune_args(corpus, tmp_path)) == 130
     patch_refine(monkeypatch, real)
     capsys.readouterr()
-    assert cli.main(tune_args(corpus, tmp_path, "--resume", "--alpha", "0.1")) == 2
+    assert cli.main(tune_args(corpus, tmp_path, "--resume", *changed)) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--alpha" in err[0] and "0.05" in err[0]
+    assert len(err) == 1 and named in err[0] and before in err[0], err
     assert cli.main(tune_args(corpus, tmp_path)) == 2  # neither --resume nor --overwrite: refused, not replaced
     assert "--resume" in capsys.readouterr().err
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import copy
 import warnings
 
+import re
+
 import pytest
 import torch
 from packaging.version import Version
@@ -202,6 +204,21 @@ def test_unsupported_modes_raise_naming_the_mode(tiny_lm, how, name):
     kw = dict(kw, max_new_tokens=2, pad_token_id=0, focus_config=FocusConfig())
     ids = None if "inputs_embeds" in kw else torch.tensor([[1, 5, 7]])
     with pytest.raises(ValueError, match=match):
+        if how == "callable":
+            model.generate(ids, custom_generate=focus_decoding.generate, trust_remote_code=True, **kw)
+        elif how == "enable":
+            enable(model).generate(ids, **kw)
+        else:
+            focus_generate(model, ids, **kw)
+
+
+@pytest.mark.parametrize("how", routes())
+@pytest.mark.parametrize("shape", [(1, 0), (0, 3)])
+def test_empty_input_ids_are_named(tiny_lm, how, shape):
+    """No token, or no row: a message saying so (plain generate fails inside the attention's reshape)."""
+    model = tiny_lm("llama")
+    ids, kw = torch.zeros(shape, dtype=torch.long), dict(max_new_tokens=2, pad_token_id=0, focus_config=FocusConfig())
+    with pytest.raises(ValueError, match=rf"input_ids is empty \(shape {re.escape(str(shape))}\)"):
         if how == "callable":
             model.generate(ids, custom_generate=focus_decoding.generate, trust_remote_code=True, **kw)
         elif how == "enable":

@@ -268,7 +268,13 @@ def test_model_args_string(tiny_dir):
 
 def test_pretrained_gguf_file_becomes_folder_and_file(tmp_path):
     """``pretrained=x.gguf`` loads as ``from_pretrained(folder, gguf_file=name)`` (the route ``default`` takes)."""
+    with pytest.raises(FileNotFoundError, match="no such file or folder"):
+        resolve_pretrained(str(tmp_path / "m.gguf"), None)
+    (tmp_path / "m.gguf").touch()
     assert resolve_pretrained(str(tmp_path / "m.gguf"), None) == (str(tmp_path), "m.gguf", False)
+    with pytest.raises(ValueError, match="holds no config.json"):
+        resolve_pretrained(tmp_path, None)
+    (tmp_path / "config.json").write_text("{}")
     assert resolve_pretrained(tmp_path, None) == (str(tmp_path), None, False)  # a Path is a folder, not a model
     with pytest.raises(ValueError, match="gguf_file='other.gguf' differs"):
         resolve_pretrained(str(tmp_path / "m.gguf"), "other.gguf")
@@ -299,6 +305,53 @@ def test_command_line_end_to_end(tiny_dir, tiny, task_dir, tmp_path):
     assert close(harness_mc(samples)[0], want_scores)
     assert results["results"]["tiny_mc"]["acc,none"] == pytest.approx(want_acc)
     assert results["config"]["focus_stats"]["loglikelihood"]["refined"] > 0
+
+
+HARNESS_BAD_INPUTS = [  # (model_args after pretrained=..., what the one line must say)
+    ("mdoe=ifo", "unknown model_args key(s) ['mdoe']"),
+    ("threshold=2", "threshold must be a number in (0, 1]"),
+    ("lr=-1", "lr must be a finite number > 0"),
+    ("params=last:x", "params 'last:N' needs an integer N >= 1"),
+    ("mode=foo", "mode must be one of ('ifo', 'dofo', 'entropy'), got 'foo'"),
+    ("preset=nonexistent", "unknown preset 'nonexistent'; allowed:"),
+    ("params=lm_head|no_such", "'no_such' matches no parameter"),
+]
+
+
+@pytest.mark.parametrize("pretrained, args, message", [
+    *[("TINY", a, m) for a, m in HARNESS_BAD_INPUTS],
+    ("/missing/dir", "mode=ifo", "no such file or folder: '/missing/dir'"),
+    ("/missing.gguf", "mode=ifo", "no such file or folder: '/missing.gguf'"),
+    ("EMPTY", "mode=ifo", "holds no config.json, so it is not a model folder"),
+])
+def test_command_line_bad_model_args_are_one_line_exit_2(pretrained, args, message, tiny_dir, task_dir, tmp_path,
+                                                        monkeypatch, capsys):
+    """``python -m focus_decoding.harness`` (its ``main``) turns every bad focus-hf input into one stderr line naming
+    it, exit status 2: no traceback, no hub address built from a path."""
+    from focus_decoding.text.harness import main
+
+    (tmp_path / "empty").mkdir()
+    pretrained = {"TINY": str(tiny_dir), "EMPTY": str(tmp_path / "empty")}.get(pretrained, pretrained)
+    monkeypatch.setattr(sys, "argv", list(sys.argv))  # main sets sys.argv as lm_eval's parser reads it
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SystemExit) as exit_:
+        main(["--model", "focus-hf", "--tasks", "tiny_mc", "--include_path", str(task_dir), "--device", "cpu",
+              "--model_args", f"pretrained={pretrained},{args}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2
+    assert err and err[-1].startswith("python -m focus_decoding.harness: error: focus-hf")
+    assert message in err[-1]  # (in-process, lm_eval's logging may complain about pytest's closed streams)
+
+
+def test_command_line_bad_input_in_a_fresh_process(tiny_dir, task_dir):
+    """The same from a real ``python -m`` process: stderr ends in the one line, exit 2, nothing else of ours."""
+    cmd = [sys.executable, "-m", "focus_decoding.harness", "--model", "focus-hf", "--tasks", "tiny_mc",
+           "--include_path", str(task_dir), "--device", "cpu", "--model_args", f"pretrained={tiny_dir},threshold=2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("python -m focus_decoding.harness: error: focus-hf")
 
 
 # ----------------------------------------------------------------------------- the embedded model

@@ -175,6 +175,25 @@ def test_confident_rows_pass_through_and_threshold_gates():
 
 
 @pytest.mark.parametrize("method", ["loop", "vmap"])
+def test_threshold_exactly_at_an_images_gap_does_not_gate_it(method):
+    """The gate is gap < threshold: an image whose gap equals the threshold is kept as it is, one below is refined.
+    An identity linear model in float64 makes the logits the inputs themselves, so the gap is the same number
+    wherever it is computed."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3, 3, bias=False)).double()
+    with torch.no_grad():
+        model[1].weight.copy_(torch.eye(3, dtype=torch.float64))
+    x = torch.tensor([[1.0, 0.5, 0.0], [1.0, 0.75, 0.0], [2.0, 0.0, 0.0]], dtype=torch.float64)
+    p = x.softmax(-1).sort(-1, descending=True).values
+    at = float(p[0, 0] - p[0, 1])  # image 0's gap is the threshold; image 1's is smaller, image 2's larger
+    assert p[1, 0] - p[1, 1] < at < p[2, 0] - p[2, 1]
+    clf = FocusClassifier(model, FocusConfig(lr=0.5, threshold=at), method=method)
+    out = clf(x)
+    assert torch.equal(out[0], x[0]) and torch.equal(out[2], x[2])
+    assert (out[1] - x[1]).abs().max() > 1e-3
+    assert clf.stats.uncertain == 1 and clf.stats.checked == 3
+
+
+@pytest.mark.parametrize("method", ["loop", "vmap"])
 def test_per_sample_independence_with_batchnorm(method):
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=10).double().train()  # train-mode BN would couple rows

@@ -25,7 +25,8 @@ from .argtypes import positive_int
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The eval-vision command's own options."""
     parser.add_argument("--data", default=None, help="image data set spec: digits (default), mnist, mnist16, "
-                        "mnist-{noise,blur,contrast}-{1,2}, or a folder / torchvision data set with --root")
+                        "mnist-{noise,blur,contrast,shot,impulse,motion,rotate,shear}-{1,2}, "
+                        "or a folder / torchvision data set with --root")
     parser.add_argument("--root", default=None, help="folder of the image data set")
     parser.add_argument("--checkpoint", default=None, help="classifier checkpoint (digits CNN: default "
                         "~/.cache/focus_decoding/digits.pt, trained there on first use)")

@@ -50,7 +50,7 @@ def load_causal_lm(name_or_path, dtype: torch.dtype = torch.float32, **kwargs):
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    name_or_path, kwargs = _resolve_source(name_or_path, kwargs)
+    name_or_path, kwargs = resolve_source(name_or_path, kwargs)
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
     dtype_key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"  # renamed in 5.0
     model = AutoModelForCausalLM.from_pretrained(name_or_path, **{dtype_key: dtype}, **kwargs)
@@ -80,7 +80,7 @@ def tie_missing_gguf_head(model, gguf_path) -> bool:
     return True
 
 
-def _resolve_source(name_or_path, kwargs: dict) -> tuple[str | Path, dict]:
+def resolve_source(name_or_path, kwargs: dict) -> tuple[str | Path, dict]:
     """Where ``from_pretrained`` should look: a GGUF file becomes (its folder, gguf_file=name); checks first."""
     path = Path(name_or_path).expanduser()
     if path.exists():
@@ -89,9 +89,12 @@ def _resolve_source(name_or_path, kwargs: dict) -> tuple[str | Path, dict]:
         if path.is_file() and "gguf_file" not in kwargs:
             raise ValueError(f"{str(path)!r} is a file but not a .gguf model; allowed: a .gguf file, a model folder "
                              "(config.json + weights) or a hub id")
+        if path.is_dir() and "gguf_file" not in kwargs and not (path / "config.json").is_file():
+            raise ValueError(f"folder {str(path)!r} holds no config.json, so it is not a model folder; allowed: a model "
+                             "folder (config.json + weights, as save_pretrained writes), a .gguf file or a hub id")
         return path, kwargs
     if looks_like_path(str(name_or_path)):
-        raise FileNotFoundError(f"no such model file or folder: {str(name_or_path)!r}")
+        raise FileNotFoundError(f"no such file or folder: {str(name_or_path)!r} (a model is a .gguf file, a model folder or a hub id)")
     reason = offline_reason()
     if reason is None:
         return name_or_path, kwargs

@@ -39,7 +39,7 @@ from lm_eval.models.huggingface import HFLM
 from .. import method
 from ..config import PRESETS, FocusConfig
 from ..method import prefix, tail
-from ..resources.models import DEFAULT_MODEL, default_model_path, is_embedded, tie_missing_gguf_head
+from ..resources.models import DEFAULT_MODEL, default_model_path, is_embedded, resolve_source, tie_missing_gguf_head
 from .ways_in import focus_generate, last_focus_stats
 from .processor import STAT_FIELDS
 from .refine import refine_position
@@ -51,6 +51,10 @@ DEFAULT_PRESET = DEFAULT_MODEL
 FROM_PRETRAINED_KEYS = ("attn_implementation", "low_cpu_mem_usage", "device_map", "cache_dir", "local_files_only",
                         "token", "load_in_8bit", "load_in_4bit")
 PAD_ID = 0  # HFLM right-pads teacher-forced batches with zeros (lm_eval.models.utils_hf.pad_and_concat)
+
+
+class HarnessInputError(ValueError):
+    """A bad ``model_args`` value or model path: ``python -m focus_decoding.harness`` prints it as one line, exit 2."""
 
 
 class FocusLM(HFLM):
@@ -67,20 +71,26 @@ class FocusLM(HFLM):
     def __init__(self, pretrained: Any = "default", *, preset: str | None = None,
                  focus_config: FocusConfig | dict | None = None, **kwargs: Any) -> None:
         focus_fields = {k: kwargs.pop(k) for k in FOCUS_KEYS if k in kwargs}
-        check_keys(kwargs)
-        pretrained, kwargs["gguf_file"], is_default = resolve_pretrained(pretrained, kwargs.get("gguf_file"))
-        if preset is None and is_default and focus_config is None:
-            preset = DEFAULT_PRESET  # as the package CLI does: a step given replaces the preset's step only
-        self.focus_config = build_config(focus_fields, preset, focus_config)
-        kwargs.setdefault("device", "cuda" if torch.cuda.is_available() else "cpu")  # HFLM's default: cuda
-        super().__init__(pretrained=pretrained, **kwargs)
-        if isinstance(pretrained, str) and kwargs.get("gguf_file"):  # transformers 4.46 leaves a tied GGUF head random
-            tie_missing_gguf_head(self.model, Path(pretrained) / kwargs["gguf_file"])
-        if self.backend != "causal":
-            raise ValueError(f"{NAME} supports decoder-only (causal) models; this one is {self.backend}")
-        self._view = method.module_view(self.model)  # private module tree: the step never touches the model
-        self._trainable, self._frozen = method.split_parameters(self._view, self.focus_config.params)
-        self._n_top = tail.shortcut(self._view, self.focus_config, warn=True)  # last:N / tail: from kept states
+        try:
+            check_keys(kwargs)
+            pretrained, kwargs["gguf_file"], is_default = resolve_pretrained(pretrained, kwargs.get("gguf_file"))
+            if preset is None and is_default and focus_config is None:
+                preset = DEFAULT_PRESET  # as the package CLI does: a step given replaces the preset's step only
+            self.focus_config = build_config(focus_fields, preset, focus_config)
+            kwargs.setdefault("device", "cuda" if torch.cuda.is_available() else "cpu")  # HFLM's default: cuda
+            super().__init__(pretrained=pretrained, **kwargs)
+            if isinstance(pretrained, str) and kwargs.get("gguf_file"):  # 4.46 leaves a tied GGUF head random
+                tie_missing_gguf_head(self.model, Path(pretrained) / kwargs["gguf_file"])
+            if self.backend != "causal":
+                raise ValueError(f"{NAME} supports decoder-only (causal) models; this one is {self.backend}")
+            self._view = method.module_view(self.model)  # private module tree: the step never touches the model
+            self._trainable, self._frozen = method.split_parameters(self._view, self.focus_config.params)
+            self._n_top = tail.shortcut(self._view, self.focus_config, warn=True)  # last:N / tail: from kept states
+        except HarnessInputError:
+            raise
+        except (ValueError, OSError) as err:  # the user's to fix: one line on the command line, not a traceback
+            message = str(err) if str(err).startswith(NAME) else f"{NAME}: {err}"
+            raise HarnessInputError(message) from err
         self._scored: tuple[dict[tuple[int, ...], int], list[int]] | None = None  # set while scoring
         self._generating = False
         self.focus_stats = {kind: dict.fromkeys(STAT_FIELDS, 0) for kind in ("loglikelihood", "generate_until")}
@@ -240,10 +250,14 @@ def resolve_pretrained(pretrained: Any, gguf_file: str | None) -> tuple[Any, str
         path = default_model_path()
         return str(path.parent), path.name, True
     if isinstance(pretrained, str) and pretrained.endswith(".gguf"):
-        path = Path(pretrained)
+        path = Path(pretrained).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"no such file or folder: {pretrained!r}")
         if gguf_file not in (None, path.name):
             raise ValueError(f"{NAME}: pretrained={pretrained!r} is a GGUF file and gguf_file={gguf_file!r} differs")
         return str(path.parent), path.name, False
+    if isinstance(pretrained, str):  # a missing path or an uncached hub id offline: say so before HFLM tries
+        resolve_source(pretrained, {} if gguf_file is None else {"gguf_file": gguf_file})
     return pretrained, gguf_file, False
 
 
@@ -257,12 +271,22 @@ _register()
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m focus_decoding.harness ...``: the ``lm_eval`` command line with ``focus-hf`` registered."""
+    """``python -m focus_decoding.harness ...``: the ``lm_eval`` command line with ``focus-hf`` registered.
+
+    A bad ``focus-hf`` model argument or model path is one line on stderr and exit status 2; Ctrl-C is one line, 130.
+    """
     from lm_eval.__main__ import cli_evaluate
 
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
-    cli_evaluate()
+    try:
+        cli_evaluate()
+    except HarnessInputError as err:
+        print(f"python -m focus_decoding.harness: error: {' '.join(str(err).split())}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print("python -m focus_decoding.harness: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

@@ -98,8 +98,11 @@ def _run_loop(model: nn.Module, loop: nn.Module, config: FocusConfig, loop_name:
     The decoding mode was checked by the way in (the callable, or ``focus_generate``), once."""
     input_ids = args[0]
     gen_config = kwargs["generation_config"]
-    if kwargs.get("inputs_embeds") is not None or input_ids.shape[1] == 0:
+    if kwargs.get("inputs_embeds") is not None:
         raise ValueError("focus decoding needs token ids to rebuild each row's context; inputs_embeds is not supported")
+    if input_ids.numel() == 0:  # plain generate fails deep inside the model's attention on these
+        raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)}); give at least one row of at least one "
+                         "token (a BOS token to start from nothing)")
     user = list(kwargs.get("logits_processor") or [])
     if any(isinstance(p, FocusLogitsProcessor) for p in user):
         raise ValueError("pass either focus_config or a FocusLogitsProcessor in logits_processor, not both")
