@@ -17,7 +17,7 @@ FLOOR_PINS := torch==2.13.0 accelerate==1.1.1 "numpy<2.3" "pytest>=7" pytest-xdi
 PYTEST := OMP_NUM_THREADS=1 CI=$${CI:-1} $(PY) -m pytest -n 2 -q
 OUT ?= results/demo
 
-.PHONY: setup demo test test-latest test-oldest test-floors bench stress clean
+.PHONY: setup demo test test-latest test-oldest test-floors bench gpu-check stress clean
 
 setup: $(VENV)/.installed
 
@@ -62,6 +62,10 @@ test-floors: $(FLOORS:%=.venv-tf%/.installed)
 
 bench: setup
 	$(PY) benchmarks/speed.py --out results/speed.json
+
+# On a machine with a GPU: one script, one JSON (under 8 minutes on one GPU); paste it into docs/results.md.
+gpu-check: setup
+	$(PY) benchmarks/gpu_check.py --out docs/results/gpu_check.json
 
 stress: setup
 	OMP_NUM_THREADS=1 $(PY) benchmarks/stress_threads.py --trials 300 --out results/stress_threads.json

@@ -5,8 +5,10 @@
 Each section lives in its own script (also runnable alone) and returns a dict of measurements:
   generation: refinement / floor, naive / ours, gated-off overhead, peak memory / parameter bytes
   prefix:     last:N cached refinement / full refinement, focus generation / plain generation
-  vision:     per-sample loop / batched torch.func path, images per second, memory per chunk
+  tail:       what the tail adds to generation against last:1 (threshold 1) and plain greedy (threshold 0.04)
+  vision:     plain / per-sample loop / batched vmap / head path, images per second, memory per chunk
   eval:       uncertain positions refined per second, batched / one-by-one
+  memory:     peak extra memory of one bf16 (and float32) refinement against the gradient floor + float32 copy
 Ratios are only compared within one run: these machines are noisy.
 """
 from __future__ import annotations
@@ -20,7 +22,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-SECTIONS = {"generation": "speed_generation", "prefix": "speed_prefix", "vision": "speed_vision", "eval": "speed_eval"}
+SECTIONS = {"generation": "speed_generation", "prefix": "speed_prefix", "tail": "speed_tail", "vision": "speed_vision",
+            "eval": "speed_eval", "memory": "memory_precision"}
 OPTIONS = {"prefix": {"generate": True}}  # also time last:2 focus generation against plain greedy
 
 

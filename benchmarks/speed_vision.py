@@ -1,4 +1,4 @@
-"""Per-sample loop vs batched vmap path of `FocusClassifier`: images refined per second and extra memory.
+"""`FocusClassifier`'s paths: images refined per second and extra memory, plain / all (loop, vmap) / head.
 
     OMP_NUM_THREADS=1 python benchmarks/speed_vision.py --out docs/results/vision/speed_vision.json
     python benchmarks/speed_vision.py --models resnet18 --batches 4 16 --size 32   # random ResNet-18
@@ -8,7 +8,10 @@ Models: the pretrained ccexam CNNs (``ccexam-mnist`` on ``mnist-contrast-2`` tes
 saturated, p(top1) = 1.0 in float32, on most clean MNIST images; ``ccexam-usps`` on MNIST resized to
 16x16; ``ccexam-svhn`` on uniform random 3x32x32 images: no SVHN data ships), and torchvision's
 ``resnet18`` with random weights. Every timed image is refined (threshold 1.0, images the gate takes,
-checked), so the batch size B is the number of images refined together (``max_batch = B``).
+checked), so the batch size B is the number of images refined together (``max_batch = B``). Paths: the
+model alone (plain), ``params="all"`` image by image (loop) and batched (vmap), ``params="head"`` (the
+head from its kept input, all images together). Target (issue 17): on MNISTNet at B = 64 the head adds
+at most 0.15x what the faster "all" path adds to plain inference (``head added / all added``).
 
 Everything runs with one torch thread. Speed, one process per model: after one warm-up call per path,
 calls on the same B images are repeated until at least ``--min-images`` images are refined (a block);
@@ -61,15 +64,26 @@ def _inputs(name: str, batch: int, size: int, device: str):
     return model.to(device), gated[:batch].to(device)
 
 
-def _classifier(model, batch: int, method: str):
+PATHS = ("plain", "loop", "vmap", "head")  # no refinement; params="all" per image / batched; params="head" batched
+
+
+def _classifier(model, batch: int, path: str):
+    """A callable for one path: the model alone (no_grad) or FocusClassifier refining every image."""
+    import torch
+
     from focus_decoding import FocusConfig
     from focus_decoding.vision import FocusClassifier
 
-    return FocusClassifier(model, FocusConfig(threshold=1.0, lr=1e-3), max_batch=batch, method=method)
+    if path == "plain":
+        return torch.no_grad()(model)
+    if path == "head":
+        return FocusClassifier(model, FocusConfig(threshold=1.0, lr=1e-3, params="head"), max_batch=batch)
+    return FocusClassifier(model, FocusConfig(threshold=1.0, lr=1e-3), max_batch=batch, method=path)
 
 
 def _speed_worker(name: str, batches: list[int], size: int, min_images: int, repeats: int, device: str) -> list[dict]:
-    """Images/s of both paths for every B, timed in alternating blocks (loop, vmap, loop, ...) so load drift hits both."""
+    """Images/s of every path for every B, timed in alternating blocks (plain, loop, vmap, head, plain, ...) so load
+    drift hits them alike."""
     import torch
 
     torch.set_num_threads(1)
@@ -77,7 +91,7 @@ def _speed_worker(name: str, batches: list[int], size: int, min_images: int, rep
     rows = []
     for batch in batches:
         model, x = _inputs(name, batch, size, device)
-        clfs = {m: _classifier(model, batch, m) for m in ("loop", "vmap")}
+        clfs = {m: _classifier(model, batch, m) for m in PATHS}
         for clf in clfs.values():
             clf(x)  # warm-up: first-call costs (vmap tracing, allocator) are not the steady state
         calls, rates = max(1, -(-min_images // batch)), {m: [] for m in clfs}
@@ -90,7 +104,7 @@ def _speed_worker(name: str, batches: list[int], size: int, min_images: int, rep
                 sync()
                 rates[method].append(calls * batch / (time.perf_counter() - start))
         assert clfs["vmap"].stats.vectorized and not clfs["loop"].stats.vectorized
-        assert all(c.stats.gated == batch for c in clfs.values()), "every timed image must be refined"
+        assert all(clfs[p].stats.gated == batch for p in PATHS[1:]), "every timed image must be refined"
         rows.append({"batch": batch, "size": int(x.shape[-1]), "parameters": sum(p.numel() for p in model.parameters()),
                      **{f"{m}_images_per_s": statistics.median(r) for m, r in rates.items()}})
     return rows
@@ -128,33 +142,40 @@ def _subprocess(kind: str, *args):
 
 
 def run(models=MODELS, batches=BATCHES, size: int = 32, min_images: int = 64, repeats: int = 3,
-        device: str | None = None) -> dict:
-    """Speed of both paths per model (one process, interleaved) and memory per path (one fresh process each)."""
+        device: str | None = None, quick: bool = False) -> dict:
+    """Speed of every path per model (one process, interleaved) and memory per path (one fresh process each)."""
     import torch
 
+    if quick:
+        models, batches, min_images, repeats = ["ccexam-usps"], [1, 8], 16, 1
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     batches = sorted(batches)
     rows = []
     for name in models:
         speed = _subprocess("speed", name, batches, size, min_images, repeats, device)
-        memory = {m: _subprocess("memory", name, batches, size, m, device) for m in ("loop", "vmap")}
+        memory = {m: _subprocess("memory", name, batches, size, m, device) for m in PATHS}
         for i, sp in enumerate(speed):
             lo_mb, vm_mb = memory["loop"][i], memory["vmap"][i]
-            rows.append({"model": name, **sp, "loop_extra_mb": lo_mb, "vmap_extra_mb": vm_mb,
+            per_image = {p: 1 / sp[f"{p}_images_per_s"] for p in PATHS}  # seconds
+            full_added = min(per_image["loop"], per_image["vmap"]) - per_image["plain"]  # the faster "all" path
+            rows.append({"model": name, **sp, **{f"{p}_extra_mb": memory[p][i] for p in PATHS},
                          "speedup_vmap_over_loop": sp["vmap_images_per_s"] / sp["loop_images_per_s"],
-                         "memory_ratio_vmap_over_loop": vm_mb / max(lo_mb, 1e-3)})
+                         "memory_ratio_vmap_over_loop": vm_mb / max(lo_mb, 1e-3),
+                         "head_added_over_all_added": (per_image["head"] - per_image["plain"]) / full_added})
             print(_row(rows[-1]), flush=True)
     return {"device": device, "threads": 1, "min_images": min_images, "repeats": repeats, "cases": rows}
 
 
-HEADER = ("| model | params | input | B | loop img/s | vmap img/s | vmap / loop speed | loop extra MB | vmap extra MB |\n"
-          "|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+HEADER = ("| model | params | input | B | plain img/s | loop img/s | vmap img/s | head img/s | vmap / loop speed | "
+          "head added / all added | loop extra MB | vmap extra MB | head extra MB |\n"
+          "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 
 
 def _row(r: dict) -> str:
     return (f"| {r['model']} | {r['parameters'] / 1e3:.0f}k | {r['size']}x{r['size']} | {r['batch']} | "
-            f"{r['loop_images_per_s']:.0f} | {r['vmap_images_per_s']:.0f} | {r['speedup_vmap_over_loop']:.2f} | "
-            f"{r['loop_extra_mb']:.1f} | {r['vmap_extra_mb']:.1f} |")
+            f"{r['plain_images_per_s']:.0f} | {r['loop_images_per_s']:.0f} | {r['vmap_images_per_s']:.0f} | "
+            f"{r['head_images_per_s']:.0f} | {r['speedup_vmap_over_loop']:.2f} | {r['head_added_over_all_added']:.3f} | "
+            f"{r['loop_extra_mb']:.1f} | {r['vmap_extra_mb']:.1f} | {r['head_extra_mb']:.1f} |")
 
 
 def main() -> None:
@@ -174,10 +195,8 @@ def main() -> None:
         kind, *rest = json.loads(args.worker)
         print(json.dumps((_speed_worker if kind == "speed" else _memory_worker)(*rest)))
         return
-    if args.quick:
-        args.models, args.batches, args.min_images, args.repeats = ["ccexam-usps"], [1, 8], 16, 1
     print(HEADER)
-    result = run(args.models, args.batches, args.size, args.min_images, args.repeats, args.device)
+    result = run(args.models, args.batches, args.size, args.min_images, args.repeats, args.device, args.quick)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
