@@ -6,8 +6,11 @@
 
 For each corpus it runs (unless ``OUT/<corpus>/tune.json`` already exists; ``--force`` reruns)
 
-    focus-decoding tune --dataset <corpus>.jsonl --out OUT/<corpus> --modes ifo --params last:2
-        --lrs 1e-4,1e-3 --taus 0.3,1 --dev-max-uncertain 1000 --test-max-uncertain 5000 --exhaustive
+    focus-decoding tune --dataset <corpus>.jsonl --out OUT/<corpus> --modes MODES --params PARAMS
+        --lrs 1e-4,1e-3 --taus 0.3,1 --dev-max-uncertain 1000 --test-max-uncertain 5000 [--exhaustive]
+
+(``--modes`` default ifo, ``--params`` default last:2, ``--model`` an asset model, ``--race`` instead of
+``--exhaustive``)
 
 (an interrupted corpus continues with ``--resume``), then writes ``OUT/corpora.md``: per corpus the dev
 Δ_Corr of every candidate, the choice, its test Δ_Corr, flips, Δ_Acc, p-value and verdict, and what the
@@ -22,8 +25,8 @@ import sys
 from pathlib import Path
 
 CORPORA = ("wiki", "kjv", "shakespeare")
-GRID = ["--params", "last:2", "--lrs", "1e-4,1e-3", "--taus", "0.3,1",
-        "--dev-max-uncertain", "1000", "--test-max-uncertain", "5000"]
+GRID = ["--lrs", "1e-4,1e-3", "--taus", "0.3,1", "--dev-max-uncertain", "1000", "--test-max-uncertain", "5000"]
+Z95 = 1.959964  # two-sided 95 % normal quantile
 
 
 def run_tune(corpus_file: Path, out: Path, force: bool, extra: list[str]) -> None:
@@ -43,7 +46,7 @@ def run_tune(corpus_file: Path, out: Path, force: bool, extra: list[str]) -> Non
 
 def row(corpus: str, result: dict) -> str:
     """One table row from a tune.json."""
-    labels = [c["label"].split("last:2 ")[-1] for c in result["candidates"]]
+    labels = [c["label"] for c in result["candidates"]]
     dev = [c["dev"]["delta_corr"] for c in result["candidates"]]
     choice, race = result["choice"], result["race_choice"]
     dev_cells = " / ".join(f"**{d:+d}**" if i == choice else f"{d:+d}" for i, d in enumerate(dev))
@@ -59,12 +62,27 @@ def table(out: Path) -> str:
     done = [(c, json.loads((out / c / "tune.json").read_text())) for c in CORPORA if (out / c / "tune.json").exists()]
     if not done:
         raise SystemExit(f"no finished tune run under {out}")
-    labels = " / ".join(c["label"].split("last:2 ")[-1] for c in done[0][1]["candidates"])
+    labels = " / ".join(c["label"] for c in done[0][1]["candidates"])
     lines = [f"| corpus | dev Δ_Corr of {done[0][1]['data']['dev_uncertain']}: {labels} | chosen (dev) | "
              "test Δ_Corr (w→c : c→w) | Δ_Acc on uncertain | p | verdict | race's choice |",
              "|---|---|---|---:|---:|---:|---|---|"]
     lines += [row(c, r) for c, r in done]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n\n" + pooled_line([r["test"] for _, r in done]) + "\n"
+
+
+def pooled_line(tests: list[dict]) -> str:
+    """The chosen settings' test tokens of every corpus together: Δ_Acc on uncertain tokens with its 95 % interval.
+
+    Per token d is +1 (wrong -> right), -1 (right -> wrong) or 0; Δ_Acc = 100 mean(d), and the interval is the
+    normal one for a paired mean, 100 (mean(d) +- 1.96 sqrt(var(d) / n)) with var(d) = (b + c) / n - mean(d)^2.
+    """
+    b = sum(t["wrong_to_correct"] for t in tests)
+    c = sum(t["correct_to_wrong"] for t in tests)
+    n = sum(t["n_uncertain"] for t in tests)
+    mean = (b - c) / n
+    half = Z95 * (((b + c) / n - mean ** 2) / n) ** 0.5
+    return (f"pooled over {len(tests)} corpora: Δ_Corr {b - c:+d} ({b} : {c}) of {n} uncertain test tokens; "
+            f"Δ_Acc {100 * mean:+.2f} points, 95 % CI [{100 * (mean - half):+.2f}, {100 * (mean + half):+.2f}]")
 
 
 def main(argv=None) -> None:
@@ -77,6 +95,7 @@ def main(argv=None) -> None:
                         "SmolLM2-135M)")
     parser.add_argument("--modes", default="ifo", help="comma-separated modes to race (default ifo)")
     parser.add_argument("--race", action="store_true", help="the stop-early race instead of the exhaustive sweep")
+    parser.add_argument("--params", default="last:2", help="comma-separated selectors to race (default last:2)")
     args = parser.parse_args(argv)
     chosen = [c.strip() for c in args.corpora.split(",") if c.strip()]
     unknown = sorted(set(chosen) - set(CORPORA))
@@ -86,7 +105,7 @@ def main(argv=None) -> None:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         import assets  # the pinned corpora; a missing or altered file is an error, never a silent rebuild
 
-        extra = ["--modes", args.modes] + ([] if args.race else ["--exhaustive"])
+        extra = ["--modes", args.modes, "--params", args.params] + ([] if args.race else ["--exhaustive"])
         if args.model:
             extra += ["--model", str(assets.model_path(args.model))]
         for corpus in chosen:
