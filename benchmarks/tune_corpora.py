@@ -70,6 +70,24 @@ def table(out: Path) -> str:
     return "\n".join(lines) + "\n\n" + pooled_line([r["test"] for _, r in done]) + "\n"
 
 
+def families_table(dirs: dict[str, Path]) -> str:
+    """One compact table over several models' runs (``{model label: its OUT}``): per model x corpus the chosen
+    setting and its test result, then per model the pooled Δ_Acc with its 95 % interval."""
+    lines = ["| model | corpus | chosen on dev | test Δ_Corr (w→c : c→w) | Δ_Acc on uncertain | p | verdict |",
+             "|---|---|---|---:|---:|---:|---|"]
+    pooled = []
+    for model, out in dirs.items():
+        done = [(c, json.loads((out / c / "tune.json").read_text())) for c in CORPORA if (out / c / "tune.json").exists()]
+        for corpus, r in done:
+            t = r["test"]
+            lines.append(f"| {model} | {corpus} | {r['chosen_label']} | {t['delta_corr']:+d} ({t['wrong_to_correct']} : "
+                         f"{t['correct_to_wrong']}) of {t['n_uncertain']} | {t['delta_acc']:+.2f} pp | "
+                         f"{t['p_value']:.2g} | {r['verdict']['kind']} |")
+        if done:
+            pooled.append(f"- {model}: " + pooled_line([r["test"] for _, r in done]))
+    return "\n".join(lines) + "\n\n" + "\n".join(pooled) + "\n"
+
+
 def pooled_line(tests: list[dict]) -> str:
     """The chosen settings' test tokens of every corpus together: Δ_Acc on uncertain tokens with its 95 % interval.
 
@@ -96,7 +114,11 @@ def main(argv=None) -> None:
     parser.add_argument("--modes", default="ifo", help="comma-separated modes to race (default ifo)")
     parser.add_argument("--race", action="store_true", help="the stop-early race instead of the exhaustive sweep")
     parser.add_argument("--params", default="last:2", help="comma-separated selectors to race (default last:2)")
+    parser.add_argument("--families", help="only print one table over several runs: LABEL=DIR,LABEL=DIR,...")
     args = parser.parse_args(argv)
+    if args.families:
+        print(families_table({k: Path(v) for k, v in (item.split("=", 1) for item in args.families.split(","))}))
+        return
     chosen = [c.strip() for c in args.corpora.split(",") if c.strip()]
     unknown = sorted(set(chosen) - set(CORPORA))
     if unknown:

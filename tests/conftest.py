@@ -128,25 +128,39 @@ class ThreadGroup(Group):
         return out
 
 
-def run_as_processes(world: int, job):
-    """``job(group)`` in ``world`` threads, each with its own rank of one simulated group; the results by rank."""
+def run_in_threads(fns, on_error=None) -> None:
+    """Call each of ``fns`` in its own thread, all at once; the first error is raised here once all have ended
+    (``on_error()`` runs as soon as one fails, e.g. to abort a barrier the others wait at)."""
     import threading
 
-    shared = {"world": world, "slots": [None] * world, "barrier": threading.Barrier(world)}
-    groups = [ThreadGroup(rank, shared) for rank in range(world)]
-    results, errors = [None] * world, []
+    errors: list[BaseException] = []
 
-    def run(rank):
+    def call(fn):
         try:
-            results[rank] = job(groups[rank])
-        except BaseException as err:  # noqa: BLE001 - surfaced below
+            fn()
+        except BaseException as err:  # noqa: BLE001 - surfaced in the calling thread below
             errors.append(err)
-            shared["barrier"].abort()
-    threads = [threading.Thread(target=run, args=(r,)) for r in range(world)]
+            if on_error is not None:
+                on_error()
+
+    threads = [threading.Thread(target=call, args=(fn,)) for fn in fns]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     if errors:
         raise errors[0]
+
+
+def run_as_processes(world: int, job):
+    """``job(group)`` in ``world`` threads, each with its own rank of one simulated group; the results by rank."""
+    import threading
+
+    shared = {"world": world, "slots": [None] * world, "barrier": threading.Barrier(world)}
+    groups = [ThreadGroup(rank, shared) for rank in range(world)]
+    results = [None] * world
+
+    def run(rank):
+        results[rank] = job(groups[rank])
+    run_in_threads([lambda r=r: run(r) for r in range(world)], on_error=shared["barrier"].abort)
     return results

@@ -1,5 +1,4 @@
 """The command line: every subcommand in-process on tiny models, errors, Ctrl-C + --resume, 2 processes."""
-import collections
 import json
 import os
 import signal
@@ -15,6 +14,7 @@ import torch
 from focus_decoding import cli
 from focus_decoding.evaluation import next_token as eval_text
 from focus_decoding.cli import common as runs
+from focus_decoding.cli import parser as cli_parser
 from focus_decoding.config import FocusConfig
 from focus_decoding.evaluation.report import FocusReport
 
@@ -85,10 +85,20 @@ def test_eval_text_writes_json_markdown_png_equal_to_the_library_call(tmp_path, 
      dict(step_rule="normalized", tau=2.0, params="last:1", n_focus=3)),
     (["eval-text", "--params", "lm_head + model.norm"], dict(params=("lm_head", "model.norm"))),
     (["eval-text", "--params", "last:02"], dict(params="last:2")),
+    (["generate", "--precision", "model"], dict(precision="model")),
+    (["generate"], dict(precision="float32")),
 ])
 def test_config_from_args(argv, expected):
-    config = cli.parser.config_from_args(cli.parser.build_parser().parse_args(argv))
+    config = cli_parser.config_from_args(cli_parser.build_parser().parse_args(argv))
     assert {k: getattr(config, k) for k in expected} == expected
+
+
+def test_tune_candidates_take_the_shared_precision():
+    from focus_decoding.cli import tune as cli_tune
+
+    args = cli_parser.build_parser().parse_args(["tune", "--precision", "model", "--lrs", "1e-4", "--taus", "1"])
+    grid = cli_tune.grid_from_args(args, cli_parser.config_from_args(args))
+    assert len(grid) == 2 and {c.precision for c in grid} == {"model"}
 
 
 @pytest.mark.parametrize("argv, needle", [

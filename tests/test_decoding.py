@@ -204,12 +204,7 @@ def test_unsupported_modes_raise_naming_the_mode(tiny_lm, how, name):
     kw = dict(kw, max_new_tokens=2, pad_token_id=0, focus_config=FocusConfig())
     ids = None if "inputs_embeds" in kw else torch.tensor([[1, 5, 7]])
     with pytest.raises(ValueError, match=match):
-        if how == "callable":
-            model.generate(ids, custom_generate=focus_decoding.generate, trust_remote_code=True, **kw)
-        elif how == "enable":
-            enable(model).generate(ids, **kw)
-        else:
-            focus_generate(model, ids, **kw)
+        generate_by(how, model, ids, **kw)
 
 
 @pytest.mark.parametrize("how", routes())
@@ -219,12 +214,16 @@ def test_empty_input_ids_are_named(tiny_lm, how, shape):
     model = tiny_lm("llama")
     ids, kw = torch.zeros(shape, dtype=torch.long), dict(max_new_tokens=2, pad_token_id=0, focus_config=FocusConfig())
     with pytest.raises(ValueError, match=rf"input_ids is empty \(shape {re.escape(str(shape))}\)"):
-        if how == "callable":
-            model.generate(ids, custom_generate=focus_decoding.generate, trust_remote_code=True, **kw)
-        elif how == "enable":
-            enable(model).generate(ids, **kw)
-        else:
-            focus_generate(model, ids, **kw)
+        generate_by(how, model, ids, **kw)
+
+
+def generate_by(how: str, model, ids, **kw):
+    """``generate`` through one way in: the callable, ``enable`` or ``focus_generate``."""
+    if how == "callable":
+        return model.generate(ids, custom_generate=focus_decoding.generate, trust_remote_code=True, **kw)
+    if how == "enable":
+        return enable(model).generate(ids, **kw)
+    return focus_generate(model, ids, **kw)
 
 
 def test_callable_refuses_old_transformers(tiny_lm, monkeypatch):

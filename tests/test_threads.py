@@ -14,6 +14,8 @@ import pytest
 import torch
 from transformers import LogitsProcessorList
 
+from conftest import run_in_threads
+
 import focus_decoding
 from focus_decoding import FocusConfig
 from focus_decoding.text import ways_in as decoding
@@ -32,23 +34,13 @@ def run_together(*jobs, rounds: int = 3) -> list[list]:
     """Run each job ``rounds`` times, all jobs at once in their own threads; each job's results in order."""
     barrier = threading.Barrier(len(jobs))
     results: list[list] = [[] for _ in jobs]
-    errors: list[BaseException] = []
 
     def worker(i: int, job) -> None:
-        try:
-            barrier.wait()
-            for _ in range(rounds):
-                results[i].append(job())
-        except BaseException as err:  # noqa: BLE001 - surfaced in the main thread below
-            errors.append(err)
+        barrier.wait()
+        for _ in range(rounds):
+            results[i].append(job())
 
-    threads = [threading.Thread(target=worker, args=(i, job)) for i, job in enumerate(jobs)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
+    run_in_threads([lambda i=i, job=job: worker(i, job) for i, job in enumerate(jobs)])
     return results
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 
 from .. import method
-from ..config import MODES, PRESETS, STEP_RULES, FocusConfig
+from ..config import MODES, PRECISIONS, PRESETS, STEP_RULES, FocusConfig
 from ..resources.models import DEFAULT_MODEL, TINY_MODELS, is_embedded
 from . import eval_text, eval_vision, export, generate, tune
 from .argtypes import nonnegative_int
@@ -46,8 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threshold", type=float, default=None, help="refine when p(top1)-p(top2) < threshold (0.04)")
     g.add_argument("--n-focus", type=int, default=None, help="size of the focus set (2)")
     g.add_argument("--steps", type=int, default=None, help="SGD steps per refinement (1)")
-    g.add_argument("--params", default=None, help="which parameters the step updates: 'all', 'last:N' or name "
-                   "patterns joined by '+'; tune: comma-separated selectors to search (default last:2)")
+    g.add_argument("--params", default=None, help="which parameters the step updates: 'all', 'last:N', 'tail', 'head' "
+                   "or name patterns joined by '+'; tune: comma-separated selectors to search (default last:2)")
+    g.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="a bf16/fp16 model's step: float32 (default: the step asked for) or model (rounded to its dtype)")
     g.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="per-model learning rate of the method (default for the embedded model: smollm2-135m)")
     g.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the dev/test split and of tiny models")
@@ -73,7 +75,8 @@ def config_from_args(args: argparse.Namespace) -> FocusConfig:
     """FocusConfig from the method options; the embedded model defaults to its preset step, which an explicit
     --lr, --tau or --step-rule replaces."""
     fields = {"threshold": args.threshold, "n_focus": args.n_focus, "steps": args.steps, "lr": args.lr,
-              "tau": args.tau, "step_rule": args.step_rule or ("normalized" if args.tau is not None else None)}
+              "tau": args.tau, "step_rule": args.step_rule or ("normalized" if args.tau is not None else None),
+              "precision": args.precision}
     overrides = {k: v for k, v in fields.items() if v is not None}
     selectors = params_from_args(args)
     if len(selectors) > 1 and args.command != "tune":

@@ -149,7 +149,8 @@ def _check_options(args: argparse.Namespace) -> None:
 
 
 def grid_from_args(args: argparse.Namespace, config: FocusConfig) -> list[FocusConfig]:
-    """The candidates: --modes x --params x (--lrs + --taus); threshold, n_focus and steps from the shared options."""
+    """The candidates: --modes x --params x (--lrs + --taus); threshold, n_focus, steps and precision from the shared
+    options."""
     from ..method import parse_selectors
 
     lrs = args.lrs or ([args.lr] if getattr(args, "lr", None) is not None else None)
@@ -160,7 +161,8 @@ def grid_from_args(args: argparse.Namespace, config: FocusConfig) -> list[FocusC
         taus = [] if rule == "fixed" else list(tuning.DEFAULT_TAUS)
     params = parse_selectors(args.params) if args.params else list(tuning.DEFAULT_PARAMS)
     return tuning.candidate_grid(modes=args.modes or [args.mode], params=params, lrs=lrs or [], taus=taus or [],
-                                 threshold=config.threshold, n_focus=config.n_focus, steps=config.steps)
+                                 threshold=config.threshold, n_focus=config.n_focus, steps=config.steps,
+                                 precision=config.precision)
 
 
 def run_fingerprint(args: argparse.Namespace, candidates: list[FocusConfig], tokenizer, texts: list[str]) -> dict:
@@ -172,7 +174,7 @@ def run_fingerprint(args: argparse.Namespace, candidates: list[FocusConfig], tok
         "--dataset": common.dataset_identity(args.dataset), "--split": args.split, "--max-texts": args.max_texts,
         "data (token stream sha256)": stream_digest(tokenizer, texts), "--dev-fraction": args.dev_fraction,
         "--context-length": args.context_length,
-        "grid (--modes, --params, --lrs, --taus, --threshold, --n-focus, --steps)": [c.to_dict() for c in candidates],
+        "grid (--modes, --params, --lrs, --taus, --threshold, --n-focus, --steps, --precision)": [c.to_dict() for c in candidates],
         "--dev-max-uncertain": args.dev_max_uncertain, "--test-max-uncertain": args.test_max_uncertain,
         "--alpha": args.alpha, "--budget-ratio": args.budget_ratio, "--exhaustive": args.exhaustive,
         "--min-test-uncertain": args.min_test_uncertain, "processes": common.world_size()})

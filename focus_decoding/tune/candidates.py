@@ -23,7 +23,8 @@ DEFAULT_PARAMS = ("last:2",)
 
 def candidate_grid(*, modes: Sequence[str] = DEFAULT_MODES, params: Sequence[Any] = DEFAULT_PARAMS,
                    lrs: Sequence[float] = DEFAULT_LRS, taus: Sequence[float] = DEFAULT_TAUS,
-                   threshold: float = 0.04, n_focus: int = 2, steps: int = 1) -> list[FocusConfig]:
+                   threshold: float = 0.04, n_focus: int = 2, steps: int = 1,
+                   precision: str = "float32") -> list[FocusConfig]:
     """Every (params, mode, step) combination as a FocusConfig, in the order given, duplicates dropped."""
     steps_ = [{"lr": lr} for lr in lrs] + [{"step_rule": "normalized", "tau": tau} for tau in taus]
     if not modes or not params or not steps_:
@@ -32,7 +33,8 @@ def candidate_grid(*, modes: Sequence[str] = DEFAULT_MODES, params: Sequence[Any
     for selector in params:
         for mode in modes:
             for step in steps_:
-                cfg = FocusConfig(mode=mode, params=selector, threshold=threshold, n_focus=n_focus, steps=steps, **step)
+                cfg = FocusConfig(mode=mode, params=selector, threshold=threshold, n_focus=n_focus, steps=steps,
+                                  precision=precision, **step)
                 if cfg not in out:
                     out.append(cfg)
     return out
