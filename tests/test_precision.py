@@ -85,6 +85,26 @@ def test_language_model_paths_in_low_precision(tiny_lm, params, dtype):
     assert all(p.dtype == dtype for p in low.parameters())
 
 
+def test_batched_positions_take_the_float32_step_too(tiny_lm):
+    """``batch_positions > 1`` (``refine_positions_batched``) on a bf16 model takes the float32 step, as one position
+    at a time does: the same refined logits, not the batched step rounded to bf16 (which loses part of it)."""
+    from focus_decoding.text.refine import refine_position, refine_positions_batched
+
+    low = tiny_lm("llama", layers=3).to(torch.bfloat16)
+    view = method.module_view(low)
+    ids = torch.tensor([[3, 5, 7, 9, 11, 13, 17, 19]])
+    with torch.no_grad():
+        logits = view(ids, use_cache=False).logits[0].float()
+    cfg = FocusConfig(threshold=1.0, step_rule="normalized", tau=0.3, params="all")
+    trainable, frozen = method.split_parameters(view, cfg.params)
+    positions = [3, 5, 7]
+    together = refine_positions_batched(view, ids, logits, positions, trainable, frozen, cfg)
+    alone = [refine_position(view, ids, logits[t], t, trainable, frozen, cfg) for t in positions]
+    for a, b, t in zip(together, alone, positions):
+        assert (b.logits - logits[t]).abs().max() > 0.05  # the step moved the logits
+        assert torch.allclose(a.logits, b.logits, atol=1e-5, rtol=0), (a.logits - b.logits).abs().max()
+
+
 def test_the_chunked_head_equals_the_widened_weight(monkeypatch):
     monkeypatch.setattr(precision, "CHUNK_ROWS", 3)  # several chunks, the last one short
     torch.manual_seed(0)

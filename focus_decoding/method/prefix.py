@@ -8,8 +8,8 @@ only the top N blocks, the final norm and the head (``top_forward``). It plugs i
 ``step.refine`` / ``step.focus_step`` with the same trainable/frozen dicts; nothing else changes.
 
 When the cached path is used (``prefix_blocks``): the architecture is supported
-(``supports_prefix``: Llama / SmolLM2, Qwen2, Mistral, GPT-2 with one attention type for every
-layer) and every trainable parameter lives ONLY in the top blocks, the final norm or the head. The
+(``supports_prefix``: Llama / SmolLM2, Qwen2, Mistral, GPT-2, and Gemma-2/3, whose layers differ: the
+top blocks get their own attention inputs and the logits their softcapping) and every trainable parameter lives ONLY in the top blocks, the final norm or the head. The
 tied-head rule follows: ``last:N`` never selects the head, so an embedding tied to the head is never
 updated and the kept states stay valid; a pattern list that selects the head (or embedding) of a
 TIED model updates the embedding too, so the kept states would be stale and the uncached path is
@@ -54,7 +54,7 @@ SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral", "gpt2", "gemma3_text", "ge
 
 # ----------------------------------------------------------------------------- what is supported
 def supports_prefix(model: nn.Module) -> bool:
-    """True for decoder-only Llama-style (Llama, SmolLM2, Qwen2, Mistral) and GPT-2 models."""
+    """True for decoder-only Llama-style (Llama, SmolLM2, Qwen2, Mistral), GPT-2 and Gemma-2/3 models."""
     config = getattr(model, "config", None)
     if config is None or getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
         return False

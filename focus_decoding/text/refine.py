@@ -44,7 +44,11 @@ def refine_positions_batched(model, ids: Tensor, logits: Tensor, positions: Sequ
     shares the input ids[:, :max(t) + 1] and selects its own row; ``method.refine_batched`` gives each
     position its own gradient and its own updated parameters. Works with eager and sdpa attention;
     under vmap, PyTorch runs sdpa through a slower per-sample loop, so eager is preferable here.
+    A low-precision model stepping in float32 (``precision="float32"``) is refined one position at a time:
+    the batched step runs in the model's dtype.
     """
+    if method.needs_float32(trainable, config):
+        return [refine_position(model, ids, logits[t], t, trainable, frozen, config) for t in positions]
     view = method.as_view(model)
     ctx = ids[:, :max(positions) + 1]
     rows = torch.zeros(len(positions), ctx.shape[1], device=ids.device)
