@@ -180,10 +180,58 @@ def test_the_tail_from_kept_residuals_equals_the_naive_reference(arch, mode, rul
     for t in (2, 8):
         forward = tail.tail_forward(view, kept.states[0, t])
         assert_exact(forward({}), base[t], "unrefined")
-        ours = method.refine(forward, trainable, frozen, base[t].topk(2).indices, cfg)
+        focus = base[t].topk(2).indices
+        ours = method.refine(forward, trainable, frozen, focus, cfg)
         ref = naive_position(model, ids, t, cfg)
         assert (ref - base[t]).abs().max() > 1e-3
         assert_exact(ours, ref, f"{arch} t={t} {cfg}")
+        # the loss from the head's input (iFo/doFo, a linear head without softcapping): the same step
+        cheap = tail.tail_loss_forward(view, kept.states[0, t], trainable, cfg)
+        assert (cheap is not None) == (mode in ("ifo", "dofo") and arch != "gemma3")
+        if cheap is not None:
+            assert_exact(method.refine(forward, trainable, frozen, focus, cfg, loss_forward=cheap), ref,
+                         f"{arch} t={t} {cfg} from the head's input")
+
+
+@pytest.mark.parametrize("mode", ["ifo", "dofo"])
+def test_the_loss_from_a_linear_heads_input_equals_the_loss_of_its_logits(mode):
+    """Hand-made: 5 classes, a 3-wide head; iFo reads two rows, doFo the column sum minus them (float64)."""
+    weight = torch.tensor([[1.0, 0.0, 2.0], [0.5, -1.0, 0.0], [0.0, 3.0, 1.0], [-2.0, 0.5, 0.5], [1.0, 1.0, -1.0]],
+                          dtype=torch.float64)
+    x = torch.tensor([0.3, -0.7, 1.1], dtype=torch.float64, requires_grad=True)
+    focus = torch.tensor([2, 0])
+    logits = weight @ x  # [2.5, 0.85, -1.0, -0.4, -1.5]: the focus logits are -1.0 and 2.5
+    want = {"ifo": -(-1.0 + 2.5) / 2, "dofo": (0.85 - 0.4 - 1.5) / 3}[mode]
+    assert float(method.focus_loss(logits, focus, mode)) == pytest.approx(want, abs=1e-12)
+    got = method.head_input_loss(x, weight, focus, mode, weight.sum(0))
+    assert float(got) == pytest.approx(want, abs=1e-12)
+    (g_cheap,) = torch.autograd.grad(got, x)
+    (g_full,) = torch.autograd.grad(method.focus_loss(weight @ x, focus, mode), x)
+    assert torch.allclose(g_cheap, g_full, atol=1e-14, rtol=0)
+    with pytest.raises(ValueError, match="modes .'ifo', 'dofo'., got 'entropy'"):
+        method.head_input_loss(x, weight, focus, "entropy", weight.sum(0))
+
+
+def test_dofo_from_the_heads_input_follows_a_weight_changed_in_place():
+    """The column sum is kept per head weight: a weight edited in place (its version moves) gets a new one."""
+    model = lm("llama")
+    view = method.module_view(model)
+    cfg = FocusConfig(mode="dofo", lr=1.0, params="tail")
+    trainable, frozen = method.split_parameters(view, cfg.params)
+    state, focus = torch.randn(model.config.hidden_size, dtype=torch.float64), torch.tensor([3, 7])
+    values = {**frozen, **trainable}
+    weight = model.get_output_embeddings().weight
+
+    def both():
+        cheap = tail.tail_loss_forward(view, state, trainable, cfg)(values, focus)
+        full = method.focus_loss(tail.tail_logits(view, values, state), focus, "dofo")
+        return float(cheap), float(full)
+    first = both()
+    assert first[0] == pytest.approx(first[1], abs=1e-12)
+    with torch.no_grad():
+        weight.mul_(1.5)  # the embedding the head is tied to, edited by its owner
+    second = both()
+    assert second[0] == pytest.approx(second[1], abs=1e-12) and abs(second[1] - first[1]) > 1e-6
 
 
 def test_the_tail_is_refused_naming_the_model_type():

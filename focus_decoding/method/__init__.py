@@ -7,7 +7,7 @@ it runs) -> ``prefix`` (running only the top blocks, from kept states) -> ``tail
 head, or a language model's position-wise tail, from kept inputs).
 """
 from .gate import focus_classes, gate, is_uncertain, top2_gap, widen
-from .losses import LOSSES, dofo_loss, entropy_loss, focus_loss, ifo_loss
+from .losses import HEAD_INPUT_MODES, LOSSES, dofo_loss, entropy_loss, focus_loss, head_input_loss, ifo_loss
 from .params import (FINAL_NORM_NAMES, find_blocks, final_norm_names, last_blocks_modules, name_matches,
                      parse_selector, parse_selectors, selector_text, split_parameters)
 from .step import (StepResult, as_normal_tensor, batched_sgd_steps, focus_step, grad_enabled, refine, refine_batched,
@@ -18,7 +18,7 @@ from .views import Forward, as_view, input_device, is_view, last_logits_kwargs, 
 
 __all__ = [
     "focus_classes", "gate", "is_uncertain", "top2_gap", "widen",
-    "LOSSES", "dofo_loss", "entropy_loss", "focus_loss", "ifo_loss",
+    "HEAD_INPUT_MODES", "LOSSES", "dofo_loss", "entropy_loss", "focus_loss", "head_input_loss", "ifo_loss",
     "FINAL_NORM_NAMES", "find_blocks", "final_norm_names", "last_blocks_modules", "name_matches", "parse_selector",
     "parse_selectors", "selector_text", "split_parameters",
     "StepResult", "as_normal_tensor", "batched_sgd_steps", "focus_step", "grad_enabled", "refine", "refine_batched",

@@ -44,6 +44,26 @@ def entropy_loss(logits: Tensor, focus: Tensor) -> Tensor:
 LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"ifo": ifo_loss, "dofo": dofo_loss, "entropy": entropy_loss}
 
 
+HEAD_INPUT_MODES = ("ifo", "dofo")  # the losses linear in the logits: computable from a linear head's input
+
+
+def head_input_loss(x: Tensor, weight: Tensor, focus: Tensor, mode: str, column_sum: Tensor) -> Tensor:
+    """``focus_loss(x @ weight.T, focus, mode)`` for a bias-free linear head, from its input ``x`` [H].
+
+    Both losses are linear in the logits: iFo needs the focus rows of ``weight`` only, doFo those and
+    ``column_sum`` (``weight.sum(0)``, the sum of every row). Neither the [V] logits nor a gradient through all V
+    rows is computed, which is what a language model's tail step would otherwise spend most of its time on.
+    """
+    rows = weight[focus.to(weight.device)].to(x.dtype)  # [k, H]
+    x = x.to(weight.device)
+    focus_logits = rows @ x
+    if mode == "ifo":
+        return -focus_logits.mean(-1)
+    if mode == "dofo":
+        return (column_sum.to(x.dtype) @ x - focus_logits.sum(-1)) / (weight.shape[0] - focus.shape[-1])
+    raise ValueError(f"head_input_loss has the modes {HEAD_INPUT_MODES}, got {mode!r}")
+
+
 def focus_loss(logits: Tensor, focus: Tensor, mode: str) -> Tensor:
     """Per-input loss of ``mode`` (see ``LOSSES``); an unknown mode raises ``ValueError`` naming the allowed ones."""
     try:

@@ -40,7 +40,9 @@ def as_normal_tensor(t: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------- the step's size
 def squared_norm(grads: Sequence[Tensor | None], batched: bool = False) -> Tensor | None:
     """||g||^2 over the selected tensors (each once); per input when ``batched`` (dimension 0); None if no gradient."""
-    terms = [widen(g).pow(2).flatten(1).sum(1) if batched else widen(g).pow(2).sum() for g in grads if g is not None]
+    # vecdot: one fused pass, no squared temporary of each gradient
+    terms = [torch.linalg.vecdot(widen(g).flatten(1), widen(g).flatten(1)) if batched
+             else torch.linalg.vecdot(widen(g).flatten(), widen(g).flatten()) for g in grads if g is not None]
     if not terms:
         return None
     return sum(t.to(terms[0].device) for t in terms)  # a model split over devices: one sum, on one device
@@ -143,16 +145,24 @@ def refined_values(forward: Forward, trainable: Mapping[str, Tensor], frozen: Ma
 
 def refine(forward: Forward, trainable: Mapping[str, Tensor], frozen: Mapping[str, Tensor],
            focus: Tensor, config: FocusConfig, *, base: Tensor | None = None,
-           intended: list[float] | None = None) -> Tensor:
+           intended: list[float] | None = None,
+           loss_forward: Callable[[Mapping[str, Tensor], Tensor], Tensor] | None = None) -> Tensor:
     """``config.steps`` SGD steps on ``trainable`` for the loss; return the refined logits.
 
     Under ``precision="float32"`` a low-precision model's refined logits are ``base`` (the model's own logits)
     plus the change the step makes to the float32 logits (without ``base``: the float32 logits themselves).
+    ``loss_forward(values, focus)``, where given, is the same loss computed a cheaper way (a linear head's input,
+    ``losses.head_input_loss``); ``forward`` then only runs for the refined logits.
     """
     focus = as_normal_tensor(focus)  # gather saves the index for backward
     first: list[Tensor] = []
+    if loss_forward is not None and needs_float32(trainable, config):
+        raise ValueError("loss_forward is for steps in the model's dtype: the float32 step adds the change of the "
+                         "logits to the model's own, which needs the first forward's logits")
 
     def loss_fn(values):
+        if loss_forward is not None:
+            return loss_forward(values, focus).sum()
         logits = forward(values)
         if not first:
             first.append(logits.detach())
@@ -231,11 +241,13 @@ def step_result(original: Tensor, new: Tensor, focus: Tensor | None = None, mode
 
 
 def focus_step(forward: Forward, logits: Tensor, trainable: Mapping[str, Tensor],
-               frozen: Mapping[str, Tensor], config: FocusConfig) -> StepResult:
-    """Algorithm 1 for one input whose unrefined logits are ``logits`` (shape ``[C]``)."""
+               frozen: Mapping[str, Tensor], config: FocusConfig, *,
+               loss_forward: Callable[[Mapping[str, Tensor], Tensor], Tensor] | None = None) -> StepResult:
+    """Algorithm 1 for one input whose unrefined logits are ``logits`` (shape ``[C]``); ``loss_forward`` as in
+    :func:`refine`."""
     if not bool(gate(logits, config)):
         return StepResult(logits, False, False, False, False)
     focus = focus_classes(logits, config.n_focus)
     intended: list[float] = []
-    new = refine(forward, trainable, frozen, focus, config, base=logits, intended=intended)
+    new = refine(forward, trainable, frozen, focus, config, base=logits, intended=intended, loss_forward=loss_forward)
     return step_result(logits, new, focus, config.mode, sum(intended))

@@ -15,6 +15,7 @@ Two tails, both exactly the method restricted to the parameters they hold:
 """
 from __future__ import annotations
 
+import weakref
 from typing import Callable, Mapping
 
 import torch
@@ -23,8 +24,9 @@ from torch.func import functional_call
 
 from ..config import FocusConfig
 from . import prefix
+from .losses import HEAD_INPUT_MODES, head_input_loss
 from .params import MLP_PARTS, find_blocks, final_norm_names
-from .precision import float32_like, head_logits, merged
+from .precision import float32_like, head_logits, merged, needs_float32
 
 TAIL = "tail"  # the kept-state path of params="tail" (beside N, the top blocks of last:N)
 
@@ -144,10 +146,30 @@ def tail_forward(view: nn.Module, state: Tensor) -> Callable[[Mapping[str, Tenso
 
 def tail_logits(view: nn.Module, values: Mapping[str, Tensor], state: Tensor) -> Tensor:
     """Logits [V] of one position from its post-attention residual ``state`` [H], the tail's parameters at ``values``."""
-    pre, mlp, post = MLP_PARTS[view.config.model_type]
-    prefix, blocks = find_blocks(view)
-    last = f"{prefix}.{len(blocks) - 1}"
-    norm = final_norm_names(view)[0]
+    logits = head_logits(view.get_output_embeddings(), tail_hidden(view, values, state).reshape(1, 1, -1))[0, -1]
+    softcap = getattr(view.config, "final_logit_softcapping", None)
+    return torch.tanh(logits / softcap) * softcap if softcap else logits
+
+
+_TAIL_NAMES: "weakref.WeakKeyDictionary[nn.Module, tuple[str, str, str | None, str]]" = weakref.WeakKeyDictionary()
+
+
+def tail_names(view: nn.Module) -> tuple[str, str, str | None, str]:
+    """(the last block's pre-MLP norm, its MLP, its post-MLP norm or None, the final norm): module names, found once
+    per module tree (finding them walks the whole tree, which a refinement would otherwise do three times)."""
+    names = _TAIL_NAMES.get(view)
+    if names is None:
+        pre, mlp, post = MLP_PARTS[view.config.model_type]
+        prefix, blocks = find_blocks(view)
+        last = f"{prefix}.{len(blocks) - 1}"
+        names = (f"{last}.{pre}", f"{last}.{mlp}", None if post is None else f"{last}.{post}", final_norm_names(view)[0])
+        _TAIL_NAMES[view] = names
+    return names
+
+
+def tail_hidden(view: nn.Module, values: Mapping[str, Tensor], state: Tensor) -> Tensor:
+    """The head's input [H] at one position: the rest of the last block and the final norm on ``state`` [H]."""
+    pre, mlp, post, norm = tail_names(view)
 
     def run(name: str, x: Tensor) -> Tensor:
         cut = len(name) + 1
@@ -155,12 +177,40 @@ def tail_logits(view: nn.Module, values: Mapping[str, Tensor], state: Tensor) ->
         return functional_call(view.get_submodule(name), local, (x,), strict=False)
 
     h = float32_like(state, values).reshape(1, 1, -1)
-    out = run(f"{last}.{mlp}", run(f"{last}.{pre}", h))
+    out = run(mlp, run(pre, h))
     if post is not None:
-        out = run(f"{last}.{post}", out)
-    logits = head_logits(view.get_output_embeddings(), run(norm, h + out))[0, -1]
-    softcap = getattr(view.config, "final_logit_softcapping", None)
-    return torch.tanh(logits / softcap) * softcap if softcap else logits
+        out = run(post, out)
+    return run(norm, h + out).reshape(-1)
+
+
+# id(head weight) -> (a weak reference to it, its version, its column sum); a tensor's == is elementwise, so the
+# tensor itself cannot be a dictionary key
+_COLUMN_SUMS: dict[int, tuple[weakref.ref, int, Tensor]] = {}
+
+
+def tail_loss_forward(view: nn.Module, state: Tensor, trainable: Mapping[str, Tensor],
+                      config: FocusConfig) -> Callable[[Mapping[str, Tensor], Tensor], Tensor] | None:
+    """The tail's loss from the head's input (``losses.head_input_loss``), for ``step.refine``'s ``loss_forward``:
+    iFo / doFo through a frozen bias-free linear head without softcapping, stepped in the model's dtype; else None
+    (the loss then comes from the full [V] logits). doFo's column sum is computed once per head weight (and again
+    only when the weight changes in place)."""
+    head = view.get_output_embeddings()
+    weight = getattr(head, "weight", None)
+    if (config.mode not in HEAD_INPUT_MODES or type(head) is not nn.Linear or head.bias is not None
+            or weight is None or weight.is_meta or getattr(view.config, "final_logit_softcapping", None)
+            or needs_float32(trainable, config) or any(v is weight for v in trainable.values())):
+        return None
+    column_sum = None
+    if config.mode == "dofo":
+        cached = _COLUMN_SUMS.get(id(weight))
+        if cached is None or cached[0]() is not weight or cached[1] != weight._version:
+            with torch.no_grad():
+                cached = (weakref.ref(weight, lambda _, key=id(weight): _COLUMN_SUMS.pop(key, None)),
+                          weight._version, weight.detach().sum(0))
+            _COLUMN_SUMS[id(weight)] = cached
+        column_sum = cached[2]
+    return lambda values, focus: head_input_loss(tail_hidden(view, values, state), weight.detach(), focus,
+                                                 config.mode, column_sum)
 
 
 # ----------------------------------------------------------------------------- linear heads, in closed form

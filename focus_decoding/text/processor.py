@@ -172,7 +172,8 @@ class FocusLogitsProcessor(LogitsProcessor):
         if self.tail is not None and self.tail.states is not None and self.tail.states.shape[0] == len(input_ids):
             states = self.tail.states[:, -1]  # this step's forward: each row's residual at its newest position
             yield from self._together(rows, states, scores, lambda values, state: tail.tail_logits(
-                self.view, method.merged(values, self.frozen), state))
+                self.view, method.merged(values, self.frozen), state),
+                loss_for=lambda state: tail.tail_loss_forward(self.view, state, self.trainable, self.config))
             return
         groups: dict[int, list[tuple[int, Tensor]]] = {}
         for row in rows:
@@ -191,16 +192,17 @@ class FocusLogitsProcessor(LogitsProcessor):
             yield from self._together([r for r, _ in group], torch.stack([h for _, h in group]), scores,
                                       lambda values, hidden: logits(method.merged(values, self.frozen), hidden))
 
-    def _together(self, rows: list[int], inputs: Tensor, scores: Tensor, one):
-        """Refine ``rows`` (their kept ``inputs``, one per row) in chunks of ``max_batch``, each row its own step."""
+    def _together(self, rows: list[int], inputs: Tensor, scores: Tensor, one, loss_for=lambda x: None):
+        """Refine ``rows`` (their kept ``inputs``, one per row) in chunks of ``max_batch``, each row its own step;
+        a row alone takes its loss from ``loss_for(input)`` where that gives one (``step.refine``'s ``loss_forward``)."""
         for start in range(0, len(rows), self.max_batch):
             chunk = rows[start:start + self.max_batch]
             x = inputs[start:start + self.max_batch] if len(inputs) == len(rows) else inputs[chunk]
             # one row (no vmap overhead), or a low-precision model's float32 step: one row at a time
             if len(chunk) == 1 or method.needs_float32(self.trainable, self.config):
                 for row, xi in zip(chunk, x):
-                    yield row, method.focus_step(lambda values, xi=xi: one(values, xi), scores[row],
-                                                 self.trainable, self.frozen, self.config)
+                    yield row, method.focus_step(lambda values, xi=xi: one(values, xi), scores[row], self.trainable,
+                                                 self.frozen, self.config, loss_forward=loss_for(xi))
                 continue
             focus = method.focus_classes(scores[chunk], self.config.n_focus)
             intended: list[Tensor] = []

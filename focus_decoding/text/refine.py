@@ -26,11 +26,13 @@ def refine_position(model, ids: Tensor, logits_t: Tensor, t: int, trainable, fro
     only (``method.prefix``; valid for last:N); ``("tail", residuals after the last block's attention)``
     through the position-wise tail (``params="tail"``); None runs the full model.
     """
+    if kept is not None and kept[0] == tail.TAIL:
+        state = kept[1][0, t]
+        return method.focus_step(tail.tail_forward(model, state), logits_t, trainable, frozen, config,
+                                 loss_forward=tail.tail_loss_forward(model, state, trainable, config))
     if kept is not None:
         n, states = kept
-        forward = (tail.tail_forward(model, states[0, t]) if n == tail.TAIL
-                   else prefix.top_forward(model, n, states[:, :t + 1]))
-        return method.focus_step(forward, logits_t, trainable, frozen, config)
+        return method.focus_step(prefix.top_forward(model, n, states[:, :t + 1]), logits_t, trainable, frozen, config)
     forward = method.model_forward(model, ids[:, :t + 1], use_cache=False, select=lambda o: o.logits[0, -1],
                                    **method.last_logits_kwargs(model))
     return method.focus_step(forward, logits_t, trainable, frozen, config)
