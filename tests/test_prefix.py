@@ -342,7 +342,7 @@ def test_evaluate_next_token_cached_equals_uncached(arch, tied, mode, rule, monk
     step = rule or dict(lr=0.5 if mode == "ifo" else 20.0)
     config = FocusConfig(mode=mode, threshold=0.3, params="last:2", **step)
     kwargs = dict(context_length=24, stride=12, progress=False)
-    cached = _spy(monkeypatch, "top_forward")
+    cached = _spy(monkeypatch, "top_logits")
     fast = evaluate_next_token(model, _Bytes(), texts, config, **kwargs)
     assert len(cached) == fast.n_uncertain > 0  # every refinement took the cached path
     monkeypatch.setattr(prefix, "prefix_blocks", lambda model, config, warn=False: None)  # force the uncached path

@@ -145,14 +145,18 @@ class _Top(nn.Module):
         super().__init__()
         self.blocks, self.norm, self.head, self.softcap = nn.ModuleList(blocks), norm, head, softcap
 
-    def forward(self, hidden: Tensor, inputs: Sequence[tuple[tuple, dict]]) -> Tensor:
+    def forward(self, hidden: Tensor, inputs: Sequence[tuple[tuple, dict]], pre_head: bool = False) -> Tensor:
         """Logits of the last position, from the states entering the first kept block; ``inputs`` = each
-        block's own extra (args, kwargs): layers of one model may differ (sliding vs full attention)."""
+        block's own extra (args, kwargs): layers of one model may differ (sliding vs full attention).
+        ``pre_head``: the head's input [H] at the last position instead (its normed hidden state)."""
         for block, (args, kwargs) in zip(self.blocks, inputs):
             out = block(hidden, *args, **kwargs)
             hidden = out[0] if isinstance(out, tuple) else out  # transformers < 4.54 returns tuples
         # Norm and head are per-position: the last position alone gives the same logits.
-        logits = head_logits(self.head, self.norm(hidden[:, -1:]))[0, -1]
+        normed = self.norm(hidden[:, -1:])
+        if pre_head:
+            return normed.reshape(-1)
+        logits = head_logits(self.head, normed)[0, -1]
         if self.softcap:  # Gemma-2/3 cap their logits after the head (final_logit_softcapping)
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
@@ -215,7 +219,22 @@ def top_forward(model: nn.Module, n: int, hidden: Tensor, attention_mask: Tensor
     return lambda values: logits(values, hidden)
 
 
-def top_logits(model: nn.Module, n: int, like: Tensor) -> Callable[[Mapping[str, Tensor], Tensor], Tensor]:
+class TopLogits:
+    """``logits(values, hidden)``: the last position's logits from ``hidden`` [1, T, H] entering block L-n;
+    ``logits.pre_head(values, hidden)``: the head's input [H] there (for ``tail.head_loss_forward``)."""
+
+    def __init__(self, top: nn.Module, rename: Mapping[str, str], inputs: list):
+        self.top, self.rename, self.inputs = top, rename, inputs
+
+    def __call__(self, values: Mapping[str, Tensor], hidden: Tensor, pre_head: bool = False) -> Tensor:
+        local = {k: values[c] for k, c in self.rename.items() if c in values}
+        return functional_call(self.top, local, (float32_like(hidden, values), self.inputs, pre_head), strict=False)
+
+    def pre_head(self, values: Mapping[str, Tensor], hidden: Tensor) -> Tensor:
+        return self(values, hidden, pre_head=True)
+
+
+def top_logits(model: nn.Module, n: int, like: Tensor) -> TopLogits:
     """``logits(values, hidden)``: the last position's logits from ``hidden`` [1, T, H] entering block L-n, for every
     unpadded context of ``like``'s length T (they share the mask and rotary embeddings): one function that
     ``method.refine_batched`` maps over the states of many rows at once."""
@@ -226,12 +245,7 @@ def top_logits(model: nn.Module, n: int, like: Tensor) -> Callable[[Mapping[str,
     top = _Top(mods[:-2], mods[-2], mods[-1], getattr(view.config, "final_logit_softcapping", None))
     canonical = {id(p): name for name, p in view.named_parameters()}
     rename = {local: canonical[id(p)] for local, p in top.named_parameters()}
-    inputs = _block_inputs(view, n, as_normal_tensor(like.detach()), None)
-
-    def logits(values: Mapping[str, Tensor], hidden: Tensor) -> Tensor:
-        local = {k: values[c] for k, c in rename.items() if c in values}
-        return functional_call(top, local, (float32_like(hidden, values), inputs), strict=False)
-    return logits
+    return TopLogits(top, rename, _block_inputs(view, n, as_normal_tensor(like.detach()), None))
 
 
 # ----------------------------------------------------------------------------- where the states come from

@@ -190,7 +190,14 @@ _COLUMN_SUMS: dict[int, tuple[weakref.ref, int, Tensor]] = {}
 
 def tail_loss_forward(view: nn.Module, state: Tensor, trainable: Mapping[str, Tensor],
                       config: FocusConfig) -> Callable[[Mapping[str, Tensor], Tensor], Tensor] | None:
-    """The tail's loss from the head's input (``losses.head_input_loss``), for ``step.refine``'s ``loss_forward``:
+    """The tail's loss from the head's input, for ``step.refine``'s ``loss_forward`` (see ``head_loss_forward``)."""
+    return head_loss_forward(view, lambda values: tail_hidden(view, values, state), trainable, config)
+
+
+def head_loss_forward(view: nn.Module, pre_head: Callable[[Mapping[str, Tensor]], Tensor],
+                      trainable: Mapping[str, Tensor],
+                      config: FocusConfig) -> Callable[[Mapping[str, Tensor], Tensor], Tensor] | None:
+    """``loss_forward(values, focus)`` from the head's input ``pre_head(values)`` [H] (``losses.head_input_loss``):
     iFo / doFo through a frozen bias-free linear head without softcapping, stepped in the model's dtype; else None
     (the loss then comes from the full [V] logits). doFo's column sum is computed once per head weight (and again
     only when the weight changes in place)."""
@@ -209,8 +216,7 @@ def tail_loss_forward(view: nn.Module, state: Tensor, trainable: Mapping[str, Te
                           weight._version, weight.detach().sum(0))
             _COLUMN_SUMS[id(weight)] = cached
         column_sum = cached[2]
-    return lambda values, focus: head_input_loss(tail_hidden(view, values, state), weight.detach(), focus,
-                                                 config.mode, column_sum)
+    return lambda values, focus: head_input_loss(pre_head(values), weight.detach(), focus, config.mode, column_sum)
 
 
 # ----------------------------------------------------------------------------- linear heads, in closed form

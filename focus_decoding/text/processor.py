@@ -188,9 +188,12 @@ class FocusLogitsProcessor(LogitsProcessor):
             else:
                 groups.setdefault(hidden.shape[1], []).append((row, hidden))
         for group in groups.values():  # rows whose contexts have one length share the mask and rotary embeddings
-            logits = prefix.top_logits(self.view, self.recorder.n, group[0][1])
-            yield from self._together([r for r, _ in group], torch.stack([h for _, h in group]), scores,
-                                      lambda values, hidden: logits(method.merged(values, self.frozen), hidden))
+            top = prefix.top_logits(self.view, self.recorder.n, group[0][1])
+            yield from self._together(
+                [r for r, _ in group], torch.stack([h for _, h in group]), scores,
+                lambda values, hidden: top(method.merged(values, self.frozen), hidden),
+                loss_for=lambda hidden, top=top: tail.head_loss_forward(
+                    self.view, lambda values: top.pre_head(values, hidden), self.trainable, self.config))
 
     def _together(self, rows: list[int], inputs: Tensor, scores: Tensor, one, loss_for=lambda x: None):
         """Refine ``rows`` (their kept ``inputs``, one per row) in chunks of ``max_batch``, each row its own step;
