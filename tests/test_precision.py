@@ -156,3 +156,70 @@ def test_the_embedded_model_in_bfloat16(default_model):
     assert ratios["bf16"] == pytest.approx(ratios["float32"], rel=0.05)
     assert ratios["bf16 in dtype"] < 0.9 * ratios["float32"]
     assert tail.TAIL == "tail"
+
+
+def float64_sgd(model: nn.Module, x: torch.Tensor, focus: torch.Tensor, cfg: FocusConfig):
+    """Reference: plain SGD in float64 from the (rounded) low-precision weights: parameters and each step's eta*||g||^2."""
+    params = {n: p.detach().double().clone().requires_grad_(True) for n, p in model.named_parameters()}
+    ref = copy.deepcopy(model).double()
+    intended = []
+    for _ in range(cfg.steps):
+        loss = method.focus_loss(torch.func.functional_call(ref, params, (x.double(),)), focus, cfg.mode)
+        grads = torch.autograd.grad(loss, list(params.values()))
+        intended.append(cfg.lr * sum(float((g * g).sum()) for g in grads))
+        params = {n: (p - cfg.lr * g).detach().requires_grad_(True) for (n, p), g in zip(params.items(), grads)}
+    return {n: p.detach() for n, p in params.items()}, intended
+
+
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("mode", ["ifo", "dofo"])
+@pytest.mark.parametrize("steps", [1, 2])
+def test_the_fixed_rule_float32_step_equals_the_float64_step(dtype, mode, steps):
+    """The fixed rule's float32 copies (updated tensor by tensor during the backward) end where float64 SGD from the
+    same weights ends, and the intended decrease is float64's eta * ||g||^2 at each step."""
+    low = toy(3).to(dtype)
+    x = torch.randn(64, generator=torch.Generator().manual_seed(4))
+    cfg = FocusConfig(mode=mode, lr=2e-3, steps=steps, threshold=1.0)
+    focus = torch.tensor([1, 6])
+    trainable, frozen = method.split_parameters(low, "all")
+    forward = method.model_forward(low, x.to(dtype))
+    intended: list[float] = []
+    got = method.sgd_steps(lambda v: method.focus_loss(forward(v), focus, mode), trainable, frozen, cfg,
+                           intended=intended)
+    want, want_intended = float64_sgd(low, x.to(dtype), focus, cfg)  # the input the model sees
+    for name, p in trainable.items():
+        assert got[name].dtype == torch.float32
+        moved, want_moved = got[name].double() - p.double(), want[name] - p.double()
+        assert want_moved.abs().max() > 1e-4  # far above that spacing: a missing update fails
+        torch.testing.assert_close(moved, want_moved, rtol=1e-3, atol=1e-6)  # atol: float32 spacing of theta
+    assert intended == pytest.approx(want_intended, rel=1e-4)
+    assert all(p.dtype == dtype for p in low.parameters())
+
+
+class MixedToy(nn.Module):
+    """A low-precision model with one float32 parameter (as loaders keep norms or scales in float32)."""
+
+    def __init__(self, dtype):
+        super().__init__()
+        torch.manual_seed(5)
+        self.inner, self.outer = nn.Linear(16, 32).to(dtype), nn.Linear(32, 6).to(dtype)
+        self.scale = nn.Parameter(torch.rand(32) + 0.5)  # float32
+
+    def forward(self, x):
+        h = torch.tanh(self.inner(x))
+        return self.outer(h * self.scale.to(h.dtype))
+
+
+@pytest.mark.parametrize("rule", [{"lr": 5e-2}, {"step_rule": "normalized", "tau": 1.0}])
+def test_a_float32_parameter_of_a_low_precision_model_is_never_changed(rule):
+    model = MixedToy(torch.bfloat16).eval()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    x = torch.randn(16, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)
+    cfg = FocusConfig(threshold=1.0, **rule)
+    trainable, frozen = method.split_parameters(model, cfg.params)
+    with torch.no_grad():
+        base = model(x)
+    result = method.focus_step(method.model_forward(model, x), base, trainable, frozen, cfg)
+    assert result.intended > 0 and not torch.equal(result.logits, base.float())  # the step did move the logits
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]), name  # the float32 scale included: stepped on a copy, never in place

@@ -18,7 +18,7 @@ from torch.func import grad, vmap
 from ..config import FocusConfig
 from .gate import focus_classes, gate, widen
 from .losses import focus_loss
-from .precision import Float32View, needs_float32
+from .precision import Float32View, is_low, needs_float32
 from .views import Forward
 
 
@@ -41,8 +41,12 @@ def as_normal_tensor(t: Tensor) -> Tensor:
 def squared_norm(grads: Sequence[Tensor | None], batched: bool = False) -> Tensor | None:
     """||g||^2 over the selected tensors (each once); per input when ``batched`` (dimension 0); None if no gradient."""
     # vecdot: one fused pass, no squared temporary of each gradient
-    terms = [torch.linalg.vecdot(widen(g).flatten(1), widen(g).flatten(1)) if batched
-             else torch.linalg.vecdot(widen(g).flatten(), widen(g).flatten()) for g in grads if g is not None]
+    return sum_terms([torch.linalg.vecdot(widen(g).flatten(1), widen(g).flatten(1)) if batched
+                      else torch.linalg.vecdot(widen(g).flatten(), widen(g).flatten()) for g in grads if g is not None])
+
+
+def sum_terms(terms: Sequence[Tensor]) -> Tensor | None:
+    """The sum of per-tensor ||g||^2 terms, in their order; None if there are none."""
     if not terms:
         return None
     return sum(t.to(terms[0].device) for t in terms)  # a model split over devices: one sum, on one device
@@ -69,11 +73,21 @@ def _per_row(lr: float | Tensor, like: Tensor) -> float | Tensor:
     return lr.to(like.device).reshape(-1, *[1] * (like.dim() - 1)) if isinstance(lr, Tensor) else lr
 
 
+UPDATE_CHUNK = 1 << 20  # entries of a low-precision update widened at a time (4 MiB of float32)
+
+
 def sgd_update_(param: Tensor, grad: Tensor, lr: float | Tensor) -> Tensor:
     """theta - lr * g written into ``grad``'s buffer (no new memory); low precision computed in fp32, rounded once."""
     lr = _per_row(lr, grad)
     if param.dtype in (torch.float16, torch.bfloat16):
-        return grad.copy_(param.float() - grad.float() * lr)
+        if isinstance(lr, Tensor) or not (grad.is_contiguous() and param.is_contiguous()):
+            return grad.copy_(param.float() - grad.float() * lr)
+        # elementwise, so chunks give the same bits; float32 temporaries of one chunk, not of the whole tensor
+        g, p = grad.view(-1), param.view(-1)
+        for start in range(0, g.numel(), UPDATE_CHUNK):
+            part = slice(start, start + UPDATE_CHUNK)
+            g[part].copy_(p[part].float() - g[part].float() * lr)
+        return grad
     return grad.mul_(-lr).add_(param)
 
 
@@ -96,6 +110,10 @@ def sgd_steps(loss_fn: Callable[[Mapping[str, Tensor]], Tensor], trainable: Mapp
     eta * ||g||^2, to hold against the decrease achieved.
     """
     wide = needs_float32(trainable, config)
+    if wide and config.step_rule == "fixed":
+        current = streamed_float32_steps(loss_fn, trainable, frozen, config, intended)
+        warn_if_unchanged(trainable, current)
+        return current
     current = {n: p.detach().float() if wide else p for n, p in trainable.items()}
     with grad_enabled():
         for _ in range(config.steps):
@@ -110,6 +128,44 @@ def sgd_steps(loss_fn: Callable[[Mapping[str, Tensor]], Tensor], trainable: Mapp
             current = {n: p.detach() if g is None else sgd_update_(p.detach(), g, lr)
                        for (n, p), g in zip(current.items(), grads)}
     warn_if_unchanged(trainable, current)
+    return current
+
+
+def streamed_float32_steps(loss_fn: Callable[[Mapping[str, Tensor]], Tensor], trainable: Mapping[str, Tensor],
+                           frozen: Mapping[str, Tensor], config: FocusConfig,
+                           intended: list[float] | None) -> dict[str, Tensor]:
+    """``sgd_steps`` for float32 copies under the fixed rule, each tensor updated as soon as its gradient is complete.
+
+    The fixed rule's eta is known before the backward, so each copy takes ``theta - lr * g`` in its gradient's hook
+    and drops the gradient: the float32 gradients never exist all at once (for ``params="all"`` on a bf16 model they
+    would double the float32 copy). Safe because autograd accumulates a leaf's gradient only after every node that
+    reads the leaf has run. The same arithmetic as ``sgd_update_`` (bitwise), and each copy is a new tensor: a
+    float32 parameter of a mixed model is cloned, never updated where the model holds it.
+    """
+    current = {n: p.detach().float() if is_low(p) else p.detach().clone() for n, p in trainable.items()}
+    lr = config.lr
+
+    def update_hook(name: str, terms: dict[str, Tensor]) -> Callable[[Tensor], None]:
+        def apply(leaf: Tensor) -> None:
+            g = leaf.grad
+            if intended is not None:
+                terms[name] = torch.linalg.vecdot(g.flatten(), g.flatten())
+            with torch.no_grad():
+                leaf.copy_(sgd_update_(leaf, g, lr))
+            leaf.grad = None  # freed now, not at the end of the backward
+        return apply
+
+    with grad_enabled():
+        for _ in range(config.steps):
+            terms: dict[str, Tensor] = {}
+            for name, leaf in current.items():
+                leaf.requires_grad_(True)
+                leaf.register_post_accumulate_grad_hook(update_hook(name, terms))
+            loss_fn(Float32View(current, frozen)).backward()
+            current = {n: p.detach() for n, p in current.items()}  # new leaves (no hooks) for the next step
+            if intended is not None:
+                sq = sum_terms([terms[n] for n in current if n in terms])
+                intended.append(0.0 if sq is None else float(lr * sq))
     return current
 
 
