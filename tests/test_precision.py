@@ -223,3 +223,15 @@ def test_a_float32_parameter_of_a_low_precision_model_is_never_changed(rule):
     assert result.intended > 0 and not torch.equal(result.logits, base.float())  # the step did move the logits
     for name, p in model.named_parameters():
         assert torch.equal(p, before[name]), name  # the float32 scale included: stepped on a copy, never in place
+
+
+@pytest.mark.parametrize("rule", [{"lr": 1e-2}, {"step_rule": "normalized", "tau": 0.1}])
+def test_the_float32_step_runs_under_inference_mode(rule):
+    """Callers often decode under torch.inference_mode(): the float32 copies are still made where autograd works."""
+    low = toy(7).to(torch.bfloat16)
+    x = torch.randn(64, generator=torch.Generator().manual_seed(8))
+    cfg = FocusConfig(threshold=1.0, **rule)
+    _, _, outside = decrease(low, x, cfg)
+    with torch.inference_mode():
+        _, _, inside = decrease(low, x, cfg)
+    assert inside.refined and torch.equal(inside.logits, outside.logits)

@@ -114,8 +114,8 @@ def sgd_steps(loss_fn: Callable[[Mapping[str, Tensor]], Tensor], trainable: Mapp
         current = streamed_float32_steps(loss_fn, trainable, frozen, config, intended)
         warn_if_unchanged(trainable, current)
         return current
-    current = {n: p.detach().float() if wide else p for n, p in trainable.items()}
-    with grad_enabled():
+    with grad_enabled():  # float32 copies made here: under an outer inference_mode they could not require grad
+        current = {n: p.detach().float() if wide else p for n, p in trainable.items()}
         for _ in range(config.steps):
             leaves = {n: p.detach().requires_grad_(True) for n, p in current.items()}
             loss = loss_fn(Float32View(leaves, frozen) if wide else {**frozen, **leaves})
@@ -142,7 +142,6 @@ def streamed_float32_steps(loss_fn: Callable[[Mapping[str, Tensor]], Tensor], tr
     reads the leaf has run. The same arithmetic as ``sgd_update_`` (bitwise), and each copy is a new tensor: a
     float32 parameter of a mixed model is cloned, never updated where the model holds it.
     """
-    current = {n: p.detach().float() if is_low(p) else p.detach().clone() for n, p in trainable.items()}
     lr = config.lr
 
     def update_hook(name: str, terms: dict[str, Tensor]) -> Callable[[Tensor], None]:
@@ -155,7 +154,8 @@ def streamed_float32_steps(loss_fn: Callable[[Mapping[str, Tensor]], Tensor], tr
             leaf.grad = None  # freed now, not at the end of the backward
         return apply
 
-    with grad_enabled():
+    with grad_enabled():  # the copies too: made under an outer inference_mode they could not require grad
+        current = {n: p.detach().float() if is_low(p) else p.detach().clone() for n, p in trainable.items()}
         for _ in range(config.steps):
             terms: dict[str, Tensor] = {}
             for name, leaf in current.items():
