@@ -54,26 +54,20 @@ def _uncached(model, ids):
     return method.model_forward(model, ids, use_cache=False, select=lambda o: o.logits[0, -1])
 
 
-def _spy(monkeypatch, name):
-    """Count calls of prefix.<name> (still calling the real one)."""
-    calls, real = [], getattr(prefix, name)
+def _spy(monkeypatch, name, owner=prefix):
+    """Count calls of ``owner.<name>`` (still calling the real one)."""
+    calls, real = [], getattr(owner, name)
 
     def spy(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
-    monkeypatch.setattr(prefix, name, spy)
+    monkeypatch.setattr(owner, name, spy)
     return calls
 
 
 def _spy_full(monkeypatch):
     """Count the refinements that ran the full model on their context (``method.model_forward``)."""
-    calls, real = [], method.model_forward
-
-    def spy(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-    monkeypatch.setattr(method, "model_forward", spy)
-    return calls
+    return _spy(monkeypatch, "model_forward", method)
 
 
 def _naive(model, ids, focus, config):
@@ -443,7 +437,7 @@ def test_rows_of_one_length_refined_together_equal_one_at_a_time(decoding, monke
     prompt = torch.tensor([[3, 4, 5, 6, 7], [9, 8, 7, 6, 5], [4, 4, 6, 6, 8]])  # one length: one group per step
     config = FocusConfig(threshold=1.0, lr=0.5, params="last:2")
     kw = {"greedy": dict(do_sample=False), "beam": dict(num_beams=2, do_sample=False)}[decoding]
-    batched_calls = _spy_batched(monkeypatch)
+    batched_calls = _spy(monkeypatch, "refine_batched", method)
 
     def generate():
         return focus_generate(model, prompt, max_new_tokens=4, pad_token_id=0, focus_config=config,
@@ -457,13 +451,3 @@ def test_rows_of_one_length_refined_together_equal_one_at_a_time(decoding, monke
     assert torch.equal(together.sequences, alone.sequences)
     for a, b in zip(together.scores, alone.scores):
         assert_same_scores(a, b)
-
-
-def _spy_batched(monkeypatch):
-    calls, real = [], method.refine_batched
-
-    def spy(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-    monkeypatch.setattr(method, "refine_batched", spy)
-    return calls

@@ -221,7 +221,7 @@ def top_forward(model: nn.Module, n: int, hidden: Tensor, attention_mask: Tensor
 
 class TopLogits:
     """``logits(values, hidden)``: the last position's logits from ``hidden`` [1, T, H] entering block L-n;
-    ``logits.pre_head(values, hidden)``: the head's input [H] there (for ``tail.head_loss_forward``)."""
+    ``logits.pre_head(values, hidden)``: the head's input [H] there (for ``tail.top_loss_forward``)."""
 
     def __init__(self, top: nn.Module, rename: Mapping[str, str], inputs: list):
         self.top, self.rename, self.inputs = top, rename, inputs

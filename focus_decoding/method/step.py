@@ -148,7 +148,7 @@ def streamed_float32_steps(loss_fn: Callable[[Mapping[str, Tensor]], Tensor], tr
         def apply(leaf: Tensor) -> None:
             g = leaf.grad
             if intended is not None:
-                terms[name] = torch.linalg.vecdot(g.flatten(), g.flatten())
+                terms[name] = squared_norm([g])  # this tensor's term, summed over tensors in order below
             with torch.no_grad():
                 leaf.copy_(sgd_update_(leaf, g, lr))
             leaf.grad = None  # freed now, not at the end of the backward

@@ -194,6 +194,12 @@ def tail_loss_forward(view: nn.Module, state: Tensor, trainable: Mapping[str, Te
     return head_loss_forward(view, lambda values: tail_hidden(view, values, state), trainable, config)
 
 
+def top_loss_forward(view: nn.Module, top: prefix.TopLogits, hidden: Tensor, trainable: Mapping[str, Tensor],
+                     config: FocusConfig) -> Callable[[Mapping[str, Tensor], Tensor], Tensor] | None:
+    """The top blocks' (``last:N``) loss from the head's input, for ``step.refine``'s ``loss_forward``."""
+    return head_loss_forward(view, lambda values: top.pre_head(values, hidden), trainable, config)
+
+
 def head_loss_forward(view: nn.Module, pre_head: Callable[[Mapping[str, Tensor]], Tensor],
                       trainable: Mapping[str, Tensor],
                       config: FocusConfig) -> Callable[[Mapping[str, Tensor], Tensor], Tensor] | None:

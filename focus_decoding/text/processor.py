@@ -192,8 +192,8 @@ class FocusLogitsProcessor(LogitsProcessor):
             yield from self._together(
                 [r for r, _ in group], torch.stack([h for _, h in group]), scores,
                 lambda values, hidden: top(method.merged(values, self.frozen), hidden),
-                loss_for=lambda hidden, top=top: tail.head_loss_forward(
-                    self.view, lambda values: top.pre_head(values, hidden), self.trainable, self.config))
+                loss_for=lambda hidden, top=top: tail.top_loss_forward(self.view, top, hidden, self.trainable,
+                                                                       self.config))
 
     def _together(self, rows: list[int], inputs: Tensor, scores: Tensor, one, loss_for=lambda x: None):
         """Refine ``rows`` (their kept ``inputs``, one per row) in chunks of ``max_batch``, each row its own step;

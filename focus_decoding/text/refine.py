@@ -35,8 +35,7 @@ def refine_position(model, ids: Tensor, logits_t: Tensor, t: int, trainable, fro
         hidden = method.as_normal_tensor(states[:, :t + 1].detach())
         top = prefix.top_logits(model, n, hidden)
         return method.focus_step(lambda values: top(values, hidden), logits_t, trainable, frozen, config,
-                                 loss_forward=tail.head_loss_forward(model, lambda values: top.pre_head(values, hidden),
-                                                                     trainable, config))
+                                 loss_forward=tail.top_loss_forward(model, top, hidden, trainable, config))
     forward = method.model_forward(model, ids[:, :t + 1], use_cache=False, select=lambda o: o.logits[0, -1],
                                    **method.last_logits_kwargs(model))
     return method.focus_step(forward, logits_t, trainable, frozen, config)
