@@ -84,8 +84,8 @@ def run(args: argparse.Namespace, config: FocusConfig) -> int:
         if group.rank == 0:
             print(f"already complete: {done}")
         return 0
-    resume = _restore(job, state, quiet=group.rank > 0) if args.resume else None
     say = print if group.rank == 0 else (lambda *a, **k: None)  # one process speaks and writes
+    resume = _restore(job, state, say) if args.resume else None
     say(f"tune: {len(candidates)} candidates, {len(dev)} dev / {len(test)} test texts, "
         f"threshold {config.threshold:g}, n_focus {config.n_focus}" + (f", {group.world} processes" if group.world > 1
                                                                        else ""))
@@ -180,9 +180,9 @@ def run_fingerprint(args: argparse.Namespace, candidates: list[FocusConfig], tok
         "--min-test-uncertain": args.min_test_uncertain, "processes": common.world_size()})
 
 
-def _restore(job: ResumableRun, state: dict | None, quiet: bool = False) -> dict | None:
-    """The snapshot to resume from, validated: a partial file that does not hold one is named, never a traceback."""
-    say = (lambda *a, **k: None) if quiet else print
+def _restore(job: ResumableRun, state: dict | None, say=print) -> dict | None:
+    """The snapshot to resume from, validated: a partial file that does not hold one is named, never a traceback.
+    ``say`` prints its progress lines (a silent function on all but the first process)."""
     if state is None:
         say(f"no partial results at {job.path}: starting from the beginning", file=sys.stderr)
         return None
