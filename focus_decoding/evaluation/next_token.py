@@ -32,7 +32,7 @@ from ..method import tail
 from ..text.refine import refine_position, refine_positions_batched
 from .report import MAX_K, TOPK_THRESHOLDS, FocusReport
 from .group import Group
-from .windows import scan, tokenize_stream, window_bounds
+from .windows import n_rounds, rounds, tokenize_stream, window_bounds
 
 OnWindow = Callable[[int, FocusReport], None]
 
@@ -69,13 +69,12 @@ def evaluate_next_token(model: nn.Module, tokenizer, texts: Sequence[str], confi
         n_top = None  # the batched (vmap) path runs the full model
     t0, refine_s = time.perf_counter(), 0.0
     view = method.module_view(model)  # eval mode, private: other threads may use the model meanwhile
-    rounds = range(start_window // group.world, -(-len(bounds) // group.world))
-    bar = _bar(rounds, len(rounds), progress and group.rank == 0, name)
+    start_round = start_window // group.world
+    bar = _bar(rounds(view, stream, bounds, config, group, start=start_round, depths=lambda: [n_top]),
+               n_rounds(bounds, group) - start_round, progress and group.rank == 0, name)
     # Refinements dominate the time: with a budget, a second bar counts them (ETA per refinement).
     refined_bar = _NoBar() if not progress or max_uncertain is None or group.rank else _refinement_bar(max_uncertain)
-    for r in bar:
-        w = r * group.world + group.rank
-        win = next(scan(view, stream, bounds, config, windows=[w], depths=lambda: [n_top])) if w < len(bounds) else None
+    for _, last, win in bar:
         seen = group.gather(None if win is None else (win.labels.numel(), win.uncertain.tolist()))
         cuts, stop = _round(seen, report, max_uncertain, max_tokens)
         part = None
@@ -93,7 +92,6 @@ def evaluate_next_token(model: nn.Module, tokenizer, texts: Sequence[str], confi
         for other in group.gather(part):  # in rank order: stream order
             if other is not None:
                 report = report.merge(other)
-        last = min(len(bounds), (r + 1) * group.world) - 1
         report.seconds = time.perf_counter() - t0
         report.meta.update(last_window=last, windows_done=report.meta.get("windows_done", 0) + 1)
         _finish_meta(report, refine_s)

@@ -96,3 +96,18 @@ def scan(view: nn.Module, stream: Tensor, bounds: Sequence[tuple[int, int, int]]
         del out
         first = lo - 1 - s
         yield Window(w, s, ids, logits, first, stream[lo:hi], method.gate(logits[first:], config), states)
+
+
+def n_rounds(bounds: Sequence[tuple[int, int, int]], group) -> int:
+    """Rounds over ``bounds`` for ``group``'s processes (``evaluation.group``): one window each per round."""
+    return -(-len(bounds) // group.world)
+
+
+def rounds(view: nn.Module, stream: Tensor, bounds: Sequence[tuple[int, int, int]], config: FocusConfig, group, *,
+           start: int = 0, depths: Callable[[], Iterable[int]] = tuple) -> Iterator[tuple[int, int, Window | None]]:
+    """``scan`` split over processes: per round r from ``start``, (r, the round's last window, this process's
+    window ``r * world + rank`` or None past the end). Every process goes through the same rounds."""
+    for r in range(start, n_rounds(bounds, group)):
+        w = r * group.world + group.rank
+        win = next(scan(view, stream, bounds, config, windows=[w], depths=depths)) if w < len(bounds) else None
+        yield r, min(len(bounds), (r + 1) * group.world) - 1, win

@@ -19,7 +19,7 @@ from ..config import FocusConfig
 from ..evaluation.group import Group
 from ..evaluation.outcomes import outcome
 from ..evaluation.report import FocusReport
-from ..evaluation.windows import Window, scan, tokenize_stream, window_bounds
+from ..evaluation.windows import Window, rounds, tokenize_stream, window_bounds
 from ..method.tail import shortcut
 from ..text.refine import refine_position
 from .candidates import check_candidates, refinement_cost
@@ -115,12 +115,10 @@ def count_uncertain(view, stream: torch.Tensor, bounds, config: FocusConfig, lim
     """How many uncertain tokens the dev pass will refine: min(limit, all of them). One forward per window, the
     windows split over ``group``'s processes round by round; every process gets the same number."""
     group, n = group or Group(), 0
-    for r in range(-(-len(bounds) // group.world)):
-        w = r * group.world + group.rank
-        mine = int(next(scan(view, stream, bounds, config, windows=[w])).uncertain.sum()) if w < len(bounds) else 0
-        n += sum(group.gather(mine))
+    for _, last, win in rounds(view, stream, bounds, config, group):
+        n += sum(group.gather(0 if win is None else int(win.uncertain.sum())))
         if on_window is not None:
-            on_window(min(len(bounds), (r + 1) * group.world) - 1)
+            on_window(last)
         if limit is not None and n >= limit:
             return limit
     return n
@@ -171,10 +169,7 @@ def _race_rounds(view, stream, bounds, refiners: list[Refiner], state: RaceState
     if race.finished:
         return
     depths = lambda: {refiners[i].n_top for i in race.alive}  # noqa: E731 - states only for cached candidates
-    for r in range(state.window, -(-len(bounds) // group.world)):
-        w = r * group.world + group.rank
-        win = next(scan(view, stream, bounds, refiners[0].config, windows=[w], depths=depths)) \
-            if w < len(bounds) else None
+    for r, _, win in rounds(view, stream, bounds, refiners[0].config, group, start=state.window, depths=depths):
         found = group.gather(None if win is None else (win.labels.numel(),
                                                        torch.nonzero(win.uncertain).flatten().tolist()))
         seen_before = race.n_seen - state.done_in_window  # uncertain tokens recorded in earlier rounds
